@@ -300,6 +300,30 @@ def _set_row(job: ImageJob, old: int, new: int) -> None:
         job.uncond_row = new
 
 
+def run_decoder(
+    gpt: GPT,
+    classes: Sequence[int],
+    seeds: Sequence[int],
+    options: SamplingOptions,
+    progress: bool = False,
+) -> list[ImageJob]:
+    """Decode one image per (class, seed) as one batch; returns the finished jobs in order."""
+    if len(seeds) != len(classes):
+        raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
+    if not classes:
+        raise ValueError("classes is empty")
+    decoder = Decoder(gpt, max_rows=len(classes) * (1 + options.guided))
+    jobs = [decoder.add(int(c), int(s), options) for c, s in zip(classes, seeds, strict=True)]
+    steps = range(gpt.config.block_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="tokens", unit="tok", leave=False)
+    for _ in steps:
+        decoder.step()
+    return jobs
+
+
 @torch.inference_mode()
 def generate(
     gpt: GPT,
@@ -318,23 +342,10 @@ def generate(
     ``seeds`` gives one seed per image (default: drawn from torch's global RNG). An image depends
     only on the weights, its class, its seed and the options, never on the rest of the batch.
     """
-    classes = [int(c) for c in (classes.tolist() if isinstance(classes, torch.Tensor) else classes)]
-    if not classes:
-        raise ValueError("classes is empty")
+    classes = classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)
     if seeds is None:
         seeds = random_seeds(len(classes))
-    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
-    if len(seeds) != len(classes):
-        raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
+    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
     options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
-    decoder = Decoder(gpt, max_rows=len(classes) * (1 + options.guided))
-    jobs = [decoder.add(c, s, options) for c, s in zip(classes, seeds, strict=True)]
-    steps = range(gpt.config.block_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="tokens", unit="tok", leave=False)
-    for _ in steps:
-        decoder.step()
+    jobs = run_decoder(gpt, classes, seeds, options, progress)
     return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=gpt.device)
-

@@ -1,0 +1,307 @@
+"""Loading and converting checkpoints: LlamaGen/CCA ``.pt`` files and safetensors directories.
+
+A checkpoint is untrusted input. Pickles load with ``torch.load(weights_only=True)``, which refuses
+any object that is not a tensor or a plain container, so a malicious file cannot run code; the one
+extra type allowed is ``argparse.Namespace`` (LlamaGen training checkpoints store their args),
+whose unpickling only sets attributes.
+
+Layouts understood: weights under ``"model"`` (DDP), ``"module"`` (DeepSpeed), ``"state_dict"``,
+or at the top level (FSDP, used for XXL and 3B); a ``freqs_cis`` entry and ``module.`` /
+``_orig_mod.`` prefixes are dropped. The safetensors form is a directory with
+``model.safetensors`` and ``config.json`` (``{"kind": "gpt" | "vq", "config": {...}}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .gpt import GPT, GPT_PRESETS, GPTConfig, build_gpt, image_size_to_block_size
+from .vq import VQ_PRESETS, VQConfig, VQModel, build_vq
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_LAYOUT_KEYS = ("model", "module", "state_dict")
+_DROPPED_KEYS = ("freqs_cis",)
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model it is meant for."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Return (state dict, config JSON or None) from a .pt/.pth/.bin pickle, a .safetensors file,
+    or a directory holding model.safetensors + config.json."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    config = None
+    if path.is_dir():
+        weights, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
+        if not weights.exists():
+            raise CheckpointError(f"{path}: directory has no {WEIGHTS_FILE}")
+        config = json.loads(config_path.read_text()) if config_path.exists() else None
+        state = load_file(str(weights))
+    elif path.suffix == ".safetensors":
+        state = load_file(str(path))
+        sibling = path.with_name(CONFIG_FILE)
+        config = json.loads(sibling.read_text()) if sibling.exists() else None
+    else:
+        state = _state_dict_from_pickle(path)
+    return _clean(state), config
+
+
+def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file is not a plain weights pickle and was not loaded "
+            f"(weights_only=True; nothing in it was executed). Detail: {reason[:300]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for key in _LAYOUT_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj  # FSDP: the state dict itself
+    raise CheckpointError(
+        f"{path}: found no weights: expected a state dict under one of {list(_LAYOUT_KEYS)} or at the top "
+        f"level; top-level keys are {sorted(obj)[:10]}"
+    )
+
+
+def _clean(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if key in _DROPPED_KEYS:
+            continue
+        out[key] = value
+    return out
+
+
+def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
+    if "tok_embeddings.weight" in state:
+        return "gpt"
+    if "quantize.embedding.weight" in state:
+        return "vq"
+    raise CheckpointError(
+        "not a LlamaGen GPT (no tok_embeddings.weight) nor VQ tokenizer (no quantize.embedding.weight); "
+        f"first keys: {sorted(state)[:8]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inferring configurations from tensor shapes
+# --------------------------------------------------------------------------------------------
+def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
+    return tuple(state[key].shape) if key in state else None
+
+
+def fitting_gpt_presets(state: dict[str, torch.Tensor]) -> list[str]:
+    """Presets whose (n_layer, dim) match the checkpoint's tensors."""
+    emb = _shape(state, "tok_embeddings.weight")
+    if emb is None:
+        return []
+    n_layer = _count_indexed(state, r"layers\.(\d+)\.")
+    return [name for name, p in GPT_PRESETS.items() if p["dim"] == emb[1] and p["n_layer"] == n_layer]
+
+
+def _count_indexed(state: dict[str, torch.Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_gpt_config(state: dict[str, torch.Tensor], preset: str | None = None,
+                     block_size: int | None = None) -> GPTConfig:
+    """A GPTConfig that fits the tensors: dims from shapes, n_head from the preset table."""
+    emb = _shape(state, "tok_embeddings.weight")
+    cls = _shape(state, "cls_embedding.embedding_table.weight")
+    if emb is None or cls is None:
+        raise CheckpointError("not a class-conditional LlamaGen GPT: tok_embeddings / cls_embedding missing")
+    vocab, dim = emb
+    n_layer = _count_indexed(state, r"layers\.(\d+)\.")
+    if preset is None:
+        fits = fitting_gpt_presets(state)
+        if not fits:
+            raise CheckpointError(
+                f"no preset has dim={dim} and n_layer={n_layer}; known presets: "
+                + ", ".join(f"{k} (dim {v['dim']}, {v['n_layer']} layers)" for k, v in GPT_PRESETS.items())
+                + ". Pass a config.json (safetensors directory) for custom models."
+            )
+        preset = fits[0]
+    overrides: dict[str, Any] = {"vocab_size": vocab, "num_classes": cls[0] - 1}
+    wqkv = _shape(state, "layers.0.attention.wqkv.weight")
+    head_dim = GPT_PRESETS[preset]["dim"] // GPT_PRESETS[preset]["n_head"] if preset in GPT_PRESETS else None
+    if wqkv is not None and head_dim and wqkv[0] != 3 * dim and (wqkv[0] - dim) % (2 * head_dim) == 0:
+        overrides["n_kv_head"] = (wqkv[0] - dim) // (2 * head_dim)
+    if block_size is not None:
+        overrides["block_size"] = block_size
+    try:
+        return GPTConfig.from_preset(preset, **overrides)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def infer_vq_config(state: dict[str, torch.Tensor]) -> VQConfig:
+    """Every VQ hyper-parameter is visible in the tensor shapes."""
+    book = _shape(state, "quantize.embedding.weight")
+    conv_in = _shape(state, "encoder.conv_in.weight")
+    quant = _shape(state, "quant_conv.weight")
+    if book is None or conv_in is None or quant is None:
+        raise CheckpointError("not a LlamaGen VQ tokenizer: quantize.embedding / encoder.conv_in / quant_conv missing")
+    ch = conv_in[0]
+
+    def mults(part: str) -> list[int]:
+        levels = _count_indexed(state, rf"{part}\.conv_blocks\.(\d+)\.")
+        widths = [state[f"{part}.conv_blocks.{i}.res.0.conv2.weight"].shape[0] for i in range(levels)]
+        return [w // ch for w in (widths if part == "encoder" else widths[::-1])]
+
+    num_res = _count_indexed(state, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    norm_groups = 32 if ch % 32 == 0 else _largest_divisor(ch, 32)
+    return VQConfig(
+        codebook_size=book[0], codebook_embed_dim=book[1], z_channels=quant[1], ch=ch,
+        encoder_ch_mult=mults("encoder"), decoder_ch_mult=mults("decoder"), num_res_blocks=num_res,
+        codebook_show_usage="quantize.codebook_used" in state, norm_groups=norm_groups,
+    )
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting a state dict to a model, with errors that say what is wrong
+# --------------------------------------------------------------------------------------------
+def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {list(state[k].shape)}, model {list(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"checkpoint does not fit {what}"]
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+        if hint:
+            parts.append(hint)
+        raise CheckpointError(". ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _image_size_hint(path: Path) -> int | None:
+    m = re.search(r"(?<!\d)(256|384|512)(?!\d)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def load_gpt(path: str | Path, preset: str | None = None, image_size: int | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Load a LlamaGen/CCA class-conditional GPT from any supported checkpoint format.
+
+    The preset is inferred from tensor shapes when not given. ``image_size`` (256/384/512 with the
+    16x downsampling tokenizer) sets the token grid; when omitted it comes from config.json, else
+    from a 256/384/512 in the file name, else 256.
+    """
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    if checkpoint_kind(state) != "gpt":
+        raise CheckpointError(f"{path}: this is a VQ tokenizer checkpoint, not a GPT")
+    block_size = image_size_to_block_size(image_size) if image_size else None
+    if meta is not None and preset is None:
+        config = GPTConfig.from_dict(_config_body(meta, "gpt", path))
+        if block_size is not None:
+            config.block_size = block_size
+    else:
+        if block_size is None:
+            block_size = image_size_to_block_size(_image_size_hint(path) or 256)
+        config = infer_gpt_config(state, preset, block_size)
+    model = GPT(config)
+    fits = fitting_gpt_presets(state)
+    hint = f"Its shapes fit preset(s) {fits}" if fits else "Its shapes fit none of the presets"
+    _fit(model, state, f"{preset or 'the inferred config'} (dim {config.dim}, {config.n_layer} layers)",
+         f"{hint} (tok_embeddings {list(state['tok_embeddings.weight'].shape)})")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_vq(path: str | Path, preset: str | None = None, device: str | torch.device = "cpu") -> VQModel:
+    """Load a LlamaGen VQ tokenizer; its configuration is read off the tensor shapes when no
+    preset or config.json is given."""
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    if checkpoint_kind(state) != "vq":
+        raise CheckpointError(f"{path}: this is a GPT checkpoint, not a VQ tokenizer")
+    if preset is not None:
+        book = _shape(state, "quantize.embedding.weight")
+        config = VQConfig.from_preset(preset, codebook_size=book[0], codebook_embed_dim=book[1],
+                                      codebook_show_usage="quantize.codebook_used" in state)
+    elif meta is not None:
+        config = VQConfig.from_dict(_config_body(meta, "vq", path))
+    else:
+        config = infer_vq_config(state)
+    model = VQModel(config)
+    fits = [name for name, p in VQ_PRESETS.items() if p["encoder_ch_mult"] == infer_vq_config(state).encoder_ch_mult]
+    _fit(model, state, preset or "the inferred VQ config", f"Its shapes fit preset(s) {fits}" if fits else "")
+    return model.to(device).eval()
+
+
+def _config_body(meta: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
+    if meta.get("kind", kind) != kind:
+        raise CheckpointError(f"{path}: config.json says kind {meta.get('kind')!r}, expected {kind!r}")
+    return meta.get("config", meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def save_pretrained(model: GPT | VQModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` to out_dir (created if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "gpt" if isinstance(model, GPT) else "vq"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    meta = {"kind": kind, "config": model.config.to_dict(), **(extra or {})}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def convert(in_path: str | Path, out_dir: str | Path, preset: str | None = None,
+            image_size: int | None = None) -> tuple[str, Path]:
+    """Convert a LlamaGen/CCA .pt (GPT or VQ) into a safetensors directory; returns (kind, dir)."""
+    state, _ = read_checkpoint(in_path)
+    kind = checkpoint_kind(state)
+    model = load_gpt(in_path, preset, image_size) if kind == "gpt" else load_vq(in_path, preset)
+    return kind, save_pretrained(model, out_dir, {"converted_from": Path(in_path).name})
+
+
+__all__ = [
+    "CheckpointError", "read_checkpoint", "load_gpt", "load_vq", "save_pretrained", "convert",
+    "infer_gpt_config", "infer_vq_config", "fitting_gpt_presets", "build_gpt", "build_vq",
+]
