@@ -159,9 +159,19 @@ def infer_gpt_config(state: dict[str, torch.Tensor], preset: str | None = None,
     if block_size is not None:
         overrides["block_size"] = block_size
     try:
-        return GPTConfig.from_preset(preset, **overrides)
+        config = GPTConfig.from_preset(preset, **overrides)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    w1 = _shape(state, "layers.0.feed_forward.w1.weight")
+    if w1 is not None and w1[0] != config.ffn_hidden:
+        # a custom SwiGLU rounding: find the multiple_of that gives the stored hidden size
+        for multiple in (128, 64, 32, 16, 8, 1):
+            config.multiple_of = multiple
+            if config.ffn_hidden == w1[0]:
+                break
+        else:
+            config.multiple_of = 256
+    return config
 
 
 def infer_vq_config(state: dict[str, torch.Tensor]) -> VQConfig:

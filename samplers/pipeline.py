@@ -69,7 +69,8 @@ class Pipeline:
         if cca_gpt is not None and cca_gpt.config.block_size != gpt.config.block_size:
             raise ValueError("base and CCA models have different token grids")
         if gpt.config.vocab_size > vq.config.codebook_size:
-            raise ValueError(f"GPT vocabulary {gpt.config.vocab_size} exceeds the VQ codebook {vq.config.codebook_size}")
+            raise ValueError(
+                f"GPT vocabulary {gpt.config.vocab_size} exceeds the VQ codebook {vq.config.codebook_size}")
         self.gpt, self.vq, self.cca_gpt = gpt.eval(), vq.eval(), cca_gpt.eval() if cca_gpt else None
         self.name = name
         self.num_classes = gpt.config.num_classes

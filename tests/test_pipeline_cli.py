@@ -1,0 +1,72 @@
+"""The pipeline object and the `ccaserve sample` command on small models."""
+import pytest
+import torch
+from PIL import Image
+
+from samplers import Pipeline, normalize_mode
+from samplers.cli import main as cli_main
+from tests.conftest import random_gpt
+
+
+@pytest.fixture
+def pipe(tiny_vq):
+    return Pipeline(random_gpt(0), tiny_vq, random_gpt(1), name="tiny", default_cfg_scale=3.0)
+
+
+def test_mode_names():
+    assert normalize_mode("cca_cfg") == normalize_mode("cca cfg") == normalize_mode("CCA+CFG") == "cca+cfg"
+    with pytest.raises(ValueError, match="unknown mode"):
+        normalize_mode("dpo")
+
+
+def test_four_modes_side_by_side_with_costs(pipe):
+    results = pipe.compare(3, seed=7)
+    assert list(results) == ["free", "cfg", "cca", "cca+cfg"]
+    n = pipe.gpt.config.block_size
+    assert {m: r.rows_x_steps for m, r in results.items()} == {"free": n, "cfg": 2 * n, "cca": n, "cca+cfg": 2 * n}
+    assert results["cfg"].options.cfg_scale == 3.0 and results["free"].options.cfg_scale == 1.0
+    for r in results.values():
+        assert isinstance(r.image, Image.Image) and r.image.size == (8, 8)  # 4x4 tokens, 2x upsampling
+        assert r.latency_s >= r.gpt_s > 0 and r.seed == 7
+    # free and cca use different weights; free and cfg differ by guidance
+    assert results["free"].tokens != results["cca"].tokens
+    assert results["free"].tokens != results["cfg"].tokens
+
+
+def test_pipeline_images_match_generate_and_decode(pipe):
+    from samplers import generate
+
+    res = pipe([1, 2], "cfg", [5, 6], cfg_scale=2.0, top_k=10)
+    tokens = generate(pipe.gpt, [1, 2], cfg_scale=2.0, top_k=10, seeds=[5, 6])
+    assert [r.tokens for r in res] == tokens.tolist()
+    with torch.no_grad():
+        images = pipe.vq.decode_code(tokens, (4, 4))
+    assert images.min() >= -1 and images.max() <= 1
+    assert res[0].image.tobytes() == pipe.decode(tokens[:1])[0].tobytes()
+
+
+def test_pipeline_errors(pipe, tiny_vq):
+    with pytest.raises(ValueError, match="class 10 out of range"):
+        pipe([10], "free")  # the null class is not a user class
+    with pytest.raises(ValueError, match="needs a CCA model"):
+        Pipeline(random_gpt(0), tiny_vq)([1], "cca")
+    with pytest.raises(ValueError, match="temperature"):
+        pipe([1], "free", temperature=-1.0)
+
+
+def test_cli_sample_writes_a_labelled_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = cli_main(["sample", "--class", "207,3", "--modes", "free,cfg,cca,cca_cfg", "--seed", "0",
+                     "--out", str(out), "--quiet", "--model", "tiny-random"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for mode in ("free", "cfg", "cca", "cca+cfg"):
+        assert mode in printed
+    grid = Image.open(out)
+    assert grid.width > 4 * 160 and grid.height > 2 * 160
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert cli_main(["sample", "--class", "5000", "--out", str(tmp_path / "g.png"), "--quiet"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "g.png")]) == 2
