@@ -75,7 +75,8 @@ def test_wrong_preset_names_the_mismatch_and_the_preset_that_fits(tmp_path, tiny
         load_gpt(path, preset="GPT-T2", image_size=64)
     msg = str(err.value)
     assert "missing key(s)" in msg and "layers.2" in msg and "GPT-T" in msg
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*wqkv.weight: checkpoint \[192, 64\], model \[2304, 768\].*fit preset\(s\) \['GPT-T'\]"):
+    expected = r"shape mismatch.*wqkv.weight: checkpoint \[192, 64\], model \[2304, 768\].*fit preset\(s\) \['GPT-T'\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_gpt(path, preset="GPT-B", image_size=64)
 
 
