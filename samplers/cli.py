@@ -37,6 +37,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--precision", choices=list(_PRECISIONS), default=None,
                    help="GPT weights dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decoding step (for CUDA)")
 
 
 def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
@@ -46,10 +47,13 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
     if args.gpt_ckpt or args.vq_ckpt or args.cca_ckpt:
         if not (args.gpt_ckpt and args.vq_ckpt):
             raise SystemExit("error: real checkpoints need at least --gpt-ckpt and --vq-ckpt")
-        return Pipeline.from_checkpoints(args.gpt_ckpt, args.vq_ckpt, args.cca_ckpt, gpt_model=args.gpt_model,
+        pipe = Pipeline.from_checkpoints(args.gpt_ckpt, args.vq_ckpt, args.cca_ckpt, gpt_model=args.gpt_model,
                                          vq_model=args.vq_model, image_size=args.image_size, device=device,
                                          dtype=dtype)
-    return Pipeline.from_registry(args.model, device=device, dtype=dtype)
+    else:
+        pipe = Pipeline.from_registry(args.model, device=device, dtype=dtype)
+    pipe.compile = args.compile
+    return pipe
 
 
 def comparison_grid(rows: Sequence[Sequence[Image.Image]], col_labels: Sequence[str],

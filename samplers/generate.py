@@ -175,10 +175,14 @@ class Decoder:
     they free are refilled by moving the last rows down, so active rows always are 0..R-1.
     """
 
-    def __init__(self, gpt: GPT, max_rows: int):
+    def __init__(self, gpt: GPT, max_rows: int, compile: bool = False):
+        """``compile=True`` runs the model step through torch.compile with static shapes (meant for
+        CUDA; it compiles once per number of active rows)."""
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.gpt = gpt
+        self.compiled = compile
+        self._step_fn = _compiled_step(gpt) if compile else gpt.decode_step
         self.max_rows = max_rows
         self.num_tokens = gpt.config.block_size
         if gpt.kv_cache_rows < max_rows:
@@ -251,7 +255,8 @@ class Decoder:
         device = self.gpt.device
         positions = [len(owner.tokens) for owner in self.row_owner]
         inputs = torch.tensor(self.row_input, device=device)
-        logits = self.gpt.decode_step(inputs, StepPositions.build(positions, device))
+        static = self.num_tokens if self.compiled else None
+        logits = self._step_fn(inputs, StepPositions.build(positions, device, static))
 
         jobs = self.jobs
         next_logits = logits.index_select(0, torch.tensor([j.cond_row for j in jobs], device=device))
@@ -293,6 +298,15 @@ class Decoder:
         return finished
 
 
+_COMPILED: dict[int, object] = {}
+
+
+def _compiled_step(gpt: GPT):
+    if id(gpt) not in _COMPILED:
+        _COMPILED[id(gpt)] = torch.compile(gpt.decode_step, dynamic=False, fullgraph=False)
+    return _COMPILED[id(gpt)]
+
+
 def _set_row(job: ImageJob, old: int, new: int) -> None:
     if job.cond_row == old:
         job.cond_row = new
@@ -306,13 +320,14 @@ def run_decoder(
     seeds: Sequence[int],
     options: SamplingOptions,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[ImageJob]:
     """Decode one image per (class, seed) as one batch; returns the finished jobs in order."""
     if len(seeds) != len(classes):
         raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
     if not classes:
         raise ValueError("classes is empty")
-    decoder = Decoder(gpt, max_rows=len(classes) * (1 + options.guided))
+    decoder = Decoder(gpt, max_rows=len(classes) * (1 + options.guided), compile=compile)
     jobs = [decoder.add(int(c), int(s), options) for c, s in zip(classes, seeds, strict=True)]
     steps = range(gpt.config.block_size)
     if progress:
@@ -336,6 +351,7 @@ def generate(
     top_p: float = 1.0,
     seeds: Sequence[int] | torch.Tensor | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample one image's tokens per class: LongTensor [B, block_size].
 
@@ -347,5 +363,5 @@ def generate(
         seeds = random_seeds(len(classes))
     seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
     options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
-    jobs = run_decoder(gpt, classes, seeds, options, progress)
+    jobs = run_decoder(gpt, classes, seeds, options, progress, compile)
     return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=gpt.device)

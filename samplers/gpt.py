@@ -228,7 +228,15 @@ class StepPositions:
     mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, positions: list[int], device: torch.device | str) -> StepPositions:
+    def build(cls, positions: list[int], device: torch.device | str, static_length: int | None = None
+              ) -> StepPositions:
+        """From each row's position. ``static_length`` (the cache length) gives every step the same
+        shapes, masks included, so a compiled step never recompiles; eager steps attend only over
+        the filled prefix instead."""
+        if static_length is not None:
+            pos = torch.tensor(positions, device=device)
+            mask = torch.arange(static_length, device=device)[None, :] <= pos[:, None]
+            return cls(pos, static_length, mask[:, None, None, :])
         first, length = positions[0], max(positions) + 1
         if all(p == first for p in positions):
             return cls(first, length)

@@ -65,7 +65,8 @@ class Pipeline:
     """Base GPT, optional CCA GPT and VQ tokenizer, with the four sampling modes."""
 
     def __init__(self, gpt: GPT, vq: VQModel, cca_gpt: GPT | None = None, *, name: str = "custom",
-                 class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0):
+                 class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
+                 compile: bool = False):
         if cca_gpt is not None and cca_gpt.config.block_size != gpt.config.block_size:
             raise ValueError("base and CCA models have different token grids")
         if gpt.config.vocab_size > vq.config.codebook_size:
@@ -77,6 +78,7 @@ class Pipeline:
         self.class_names = list(class_names) if class_names else None
         self.default_cfg_scale = default_cfg_scale
         self.grid = (gpt.config.grid_size, gpt.config.grid_size)
+        self.compile = compile  # torch.compile the decoding step (for CUDA)
 
     @property
     def modes(self) -> list[str]:
@@ -130,7 +132,7 @@ class Pipeline:
         opts = self.options_for(mode, **options)
         seeds = list(seeds) if seeds is not None else random_seeds(len(classes))
         start = time.perf_counter()
-        jobs: list[ImageJob] = run_decoder(gpt, classes, seeds, opts, progress)
+        jobs: list[ImageJob] = run_decoder(gpt, classes, seeds, opts, progress, self.compile)
         gpt_done = time.perf_counter()
         images = self.decode(torch.tensor([j.tokens for j in jobs]))
         end = time.perf_counter()
