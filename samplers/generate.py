@@ -187,8 +187,7 @@ class Decoder:
         self.num_tokens = gpt.config.block_size
         if gpt.kv_cache_rows < max_rows:
             gpt.setup_kv_cache(max_rows)
-        if gpt.output.packed is None or gpt.output._packed_version != gpt.output.weight._version:
-            gpt.pack_linears()
+        gpt.pack_linears()  # no-op while the packed weights are current
         self.jobs: list[ImageJob] = []
         self.row_owner: list[ImageJob] = []  # row -> job
         self.row_input: list[int] = []  # row -> next input (class id at position 0, else a token)

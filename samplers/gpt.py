@@ -133,25 +133,28 @@ class Linear(nn.Linear):
     Two reasons, both measured on a 2-core x86 CPU: the packed GEMV reads weights about 1.5x
     faster than MKL's at batch 1, and its rows are bit-identical whatever the batch size (MKL's
     are not), so a seed gives the same image alone or in a batch. The copy is used only with
-    grad disabled and is ignored once the weight changes (tracked by its version counter).
+    grad disabled and is ignored once the weight changes (its storage or version counter).
     """
 
     packed: torch.Tensor | None = None
-    _packed_version: int = -1
+    _packed_key: tuple[int, int] = (0, -1)  # (storage address, version) of the weight it copies
 
     def pack(self) -> bool:
         w = self.weight
+        if self.packed is not None and self._packed_key == (w.data_ptr(), w._version):
+            return True
         if not (_ONEDNN and w.device.type == "cpu" and w.dtype == torch.float32):
             self.packed = None
             return False
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_FOR_ROWS)
-        self._packed_version = w._version
+        self._packed_key = (w.data_ptr(), w._version)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self._packed_version == self.weight._version):
+                and not torch.compiler.is_compiling()
+                and x.dtype == torch.float32 and self._packed_key == (self.weight.data_ptr(), self.weight._version)):
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
             return out.view(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
@@ -233,13 +236,10 @@ class StepPositions:
         """From each row's position. ``static_length`` (the cache length) gives every step the same
         shapes, masks included, so a compiled step never recompiles; eager steps attend only over
         the filled prefix instead."""
-        if static_length is not None:
-            pos = torch.tensor(positions, device=device)
-            mask = torch.arange(static_length, device=device)[None, :] <= pos[:, None]
-            return cls(pos, static_length, mask[:, None, None, :])
         first, length = positions[0], max(positions) + 1
-        if all(p == first for p in positions):
+        if static_length is None and all(p == first for p in positions):
             return cls(first, length)
+        length = static_length or length
         pos = torch.tensor(positions, device=device)
         mask = torch.arange(length, device=device)[None, :] <= pos[:, None]
         return cls(pos, length, mask[:, None, None, :])

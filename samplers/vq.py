@@ -125,6 +125,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _run_level(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: its ResNet blocks, each followed by attention where the level has it."""
+    for i, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn):
+            h = block.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, config: VQConfig, in_channels: int = 3):
         super().__init__()
@@ -154,10 +163,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
+            h = _run_level(block, h)
             if hasattr(block, "downsample"):
                 h = block.downsample(h)
         for layer in self.mid:
@@ -196,10 +202,7 @@ class Decoder(nn.Module):
         for layer in self.mid:
             h = layer(h)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
+            h = _run_level(block, h)
             if hasattr(block, "upsample"):
                 h = block.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
