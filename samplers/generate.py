@@ -60,10 +60,6 @@ class SamplingOptions:
     def guides_token(self, index: int) -> bool:
         return self.guided and (self.cfg_interval < 0 or index <= self.cfg_interval + 1)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
 
 # --------------------------------------------------------------------------------------------
 # Seeded noise: u(seed, token index) in (0, 1), the same whatever else shares the batch.

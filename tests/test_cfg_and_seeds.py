@@ -95,3 +95,17 @@ def test_decoder_rejects_bad_input(tiny_gpt):
     decoder.add(1, 0, SamplingOptions(cfg_scale=2.0))
     with pytest.raises(RuntimeError, match="no room"):
         decoder.add(1, 0, SamplingOptions())
+
+
+def test_cancel_frees_rows_and_leaves_the_others_untouched(tiny_gpt):
+    want = generate(tiny_gpt, [6], seeds=[4], cfg_scale=3.0)[0].tolist()
+    decoder = Decoder(tiny_gpt, max_rows=4)
+    gone = decoder.add(2, 9, SamplingOptions(cfg_scale=3.0))
+    kept = decoder.add(6, 4, SamplingOptions(cfg_scale=3.0))
+    for _ in range(5):
+        decoder.step()
+    decoder.cancel(gone)  # its rows are refilled by moving the last rows down
+    assert decoder.rows_in_use == 2 and decoder.jobs == [kept]
+    while decoder.jobs:
+        decoder.step()
+    assert kept.tokens == want
