@@ -1,4 +1,4 @@
-"""The ``ccaserve`` command line: sample, convert, models."""
+"""The ``ccaserve`` command line: sample, convert, models, train, eval."""
 
 from __future__ import annotations
 
@@ -158,11 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models in the registry")
     p.set_defaults(func=cmd_models)
+
+    from .cli_train import add_train_commands
+
+    add_train_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:

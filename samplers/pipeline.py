@@ -142,6 +142,28 @@ class Pipeline:
             for img, j in zip(images, jobs, strict=True)
         ]
 
+    @torch.inference_mode()
+    def sample_images(self, classes: Sequence[int], mode: str, seeds: Sequence[int], *, batch_size: int = 500,
+                      progress: bool = False, **options: Any) -> torch.Tensor:
+        """Many images as one tensor [N, 3, H, W] in [-1, 1], decoded ``batch_size`` at a time
+        (for evaluation: FID needs thousands of samples, not PIL objects)."""
+        if len(seeds) != len(classes):
+            raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
+        for c in classes:
+            self.validate_class(c)
+        gpt, opts = self.model_for(mode), self.options_for(mode, **options)
+        chunks = range(0, len(classes), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=f"sample {normalize_mode(mode)}", unit="batch", leave=False)
+        out = []
+        for start in chunks:
+            jobs = run_decoder(gpt, classes[start : start + batch_size], seeds[start : start + batch_size], opts,
+                               compile=self.compile)
+            out.append(self.vq.decode_code(torch.tensor([j.tokens for j in jobs], device=self.vq.device), self.grid))
+        return torch.cat(out).float().cpu()
+
     def compare(self, class_id: int, seed: int, modes: Sequence[str] | None = None,
                 **options: Any) -> dict[str, ImageResult]:
         """The same class and seed in each mode, side by side."""

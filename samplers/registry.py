@@ -71,7 +71,7 @@ class Registry:
         self.default: str | None = data.get("default")
         self.entries: dict[str, ModelEntry] = {}
         for name, e in data.get("models", {}).items():
-            parts = {k: e[k] for k in ("gpt", "cca_gpt", "vq") if e.get(k)}
+            parts = {k: e[k] for k in ("gpt", "cca_gpt", "vq", "evalnet") if e.get(k)}
             names = e.get("class_names")
             if isinstance(names, str):
                 names = json.loads((self.weights_dir / names).read_text())

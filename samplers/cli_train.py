@@ -1,0 +1,297 @@
+"""``ccaserve train ...`` and ``ccaserve eval``: build and measure the embedded default model.
+
+    ccaserve train all --out weights/shapes1k --work runs/shapes1k   # everything, from scratch
+    ccaserve eval --out docs/eval                                    # metrics, sweeps, table, plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import evaluate, shapes
+from .checkpoint import load_gpt, load_vq, save_pretrained
+from .train import (
+    CCATrainArgs,
+    CodeData,
+    GPTTrainArgs,
+    VQTrainArgs,
+    extract_codes,
+    train_cca,
+    train_gpt,
+    train_vq,
+)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# ---- train ---------------------------------------------------------------------------------
+def cmd_train_vq(args: argparse.Namespace) -> int:
+    train_vq(args.out, args=VQTrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+    print(json.dumps(json.loads((Path(args.out) / "config.json").read_text())["reconstruction"]))
+    return 0
+
+
+def cmd_train_codes(args: argparse.Namespace) -> int:
+    data = extract_codes(load_vq(args.vq), args.num, data_seed=args.data_seed)
+    data.save(args.out)
+    if args.llamagen_dir:
+        data.save_llamagen(args.llamagen_dir)
+    print(f"wrote {len(data)} code sequences of {data.seq_len} tokens to {args.out}")
+    return 0
+
+
+def cmd_train_gpt(args: argparse.Namespace) -> int:
+    data = CodeData.load(args.codes)
+    config = {"dim": args.dim, "n_layer": args.n_layer, "n_head": args.n_head, "block_size": data.seq_len,
+              "vocab_size": args.vocab_size, "num_classes": args.num_classes}
+    train_gpt(args.out, data, config, GPTTrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                   class_dropout=args.class_dropout, seed=args.seed))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cca_args(args: argparse.Namespace) -> CCATrainArgs:
+    return CCATrainArgs(loss=args.loss, lam=args.lam, beta=args.beta, uncond_ratio=args.uncond_ratio, lr=args.lr,
+                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps)
+
+
+def cmd_train_cca(args: argparse.Namespace) -> int:
+    ref = load_gpt(args.ref, args.gpt_model, args.image_size)
+    data = CodeData.load(args.codes)
+    train_cca(args.out, ref, data, _cca_args(args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train_evalnet(args: argparse.Namespace) -> int:
+    evaluate.train_evalnet(args.out, evaluate.EvalNetTrainArgs(steps=args.steps))
+    print(json.dumps(json.loads((Path(args.out) / "config.json").read_text())["heldout_class_accuracy"]))
+    return 0
+
+
+# The recipe of the shipped default model; `train all` reproduces weights/shapes1k from nothing.
+RECIPE: dict[str, Any] = {
+    "vq": {"steps": 5000, "batch_size": 16, "lr": 2e-3},
+    "codes": {"num": 50000, "data_seed": 0},
+    "gpt": {"steps": 1500, "batch_size": 32, "lr": 2e-3},
+    "cca": {"lam": 50.0, "beta": 0.02, "uncond_ratio": 0.1, "lr": 1e-4, "epochs": 1.0, "batch_size": 32},
+    "sweep_lambdas": [10.0, 50.0, 200.0, 1000.0],
+    "evalnet": {"steps": 800},
+}
+
+
+def _half(model: torch.nn.Module) -> torch.nn.Module:
+    """Ship GPT weights in fp16 (half the bytes; loads back as fp32 on CPU)."""
+    return model.to(torch.float16)
+
+
+def cmd_train_all(args: argparse.Namespace) -> int:
+    out, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = json.loads(json.dumps(RECIPE))
+    if args.quick:  # a smoke run of the whole recipe, for tests
+        recipe.update(vq={"steps": 20, "batch_size": 8, "lr": 2e-3}, codes={"num": 400, "data_seed": 0},
+                      gpt={"steps": 10, "batch_size": 16, "lr": 2e-3}, evalnet={"steps": 10}, sweep_lambdas=[10.0])
+        recipe["cca"].update(epochs=0.1, batch_size=16)
+    times: dict[str, float] = {}
+    t = time.time()
+    vq_args = VQTrainArgs(steps=recipe["vq"]["steps"], batch_size=recipe["vq"]["batch_size"], lr=recipe["vq"]["lr"],
+                          pool_size=16000 if not args.quick else 200)
+    vq = train_vq(out / "vq", args=vq_args)
+    times["vq"] = time.time() - t
+    t = time.time()
+    codes = extract_codes(vq, recipe["codes"]["num"], recipe["codes"]["data_seed"])
+    codes.save(work / "codes.npz")
+    times["codes"] = time.time() - t
+    t = time.time()
+    gpt = train_gpt(work / "gpt", codes, {"block_size": codes.seq_len},
+                    GPTTrainArgs(**{k: recipe["gpt"][k] for k in ("steps", "batch_size", "lr")}))
+    save_pretrained(_half(gpt), out / "gpt", extra={"train": recipe["gpt"]})
+    gpt = gpt.float()
+    times["gpt"] = time.time() - t
+    variants = [("cca", lam) for lam in recipe["sweep_lambdas"]] + [("dpo", recipe["cca"]["lam"]),
+                                                                     ("unlearn", recipe["cca"]["lam"])]
+    for loss, lam in variants:
+        t = time.time()
+        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam})
+        policy = train_cca(work / f"{loss}_lam{lam:g}", gpt, codes, cca_args)
+        if loss == "cca" and lam == recipe["cca"]["lam"]:
+            save_pretrained(_half(policy), out / "cca_gpt", extra={"train": {**recipe["cca"], "loss": "cca"}})
+        times[f"{loss}_lam{lam:g}"] = time.time() - t
+    t = time.time()
+    evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(steps=recipe["evalnet"]["steps"]))
+    times["evalnet"] = time.time() - t
+    (out / "class_names.json").write_text(json.dumps(shapes.class_names()))
+    (work / "train_times.json").write_text(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
+    print("training times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .cli import pipeline_from_args
+    from .registry import Registry
+
+    pipe = pipeline_from_args(args)
+    entry = Registry().get(args.model)
+    shipped_net = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
+    net_path = Path(args.evalnet) if args.evalnet else shipped_net
+    if not (net_path / "config.json").exists():
+        raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
+    net = evaluate.load_evalnet(net_path)
+    ref = evaluate.reference_stats(net, args.n_ref)
+    opts = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    entries: list[dict[str, Any]] = []
+
+    def run(mode: str, sweep: str, model_label: str, seed_base: int = 0, **extra: Any) -> dict[str, Any]:
+        e = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, seed_base=seed_base, progress=True, **opts, **extra)
+        e = evaluate.finish_entry(e, sweep=sweep, model=model_label, **{k: v for k, v in extra.items()
+                                                                         if k != "cfg_scale"})
+        print(f"{mode:8s} {e['setting']:10s} fid {e['fid']:8.3f}  is {e['is']:7.2f}  prec {e['precision']:.3f}  "
+              f"rec {e['recall']:.3f}  acc {e['accuracy']:.3f}  ({e['sample_seconds']:.0f}s)", flush=True)
+        entries.append(e)
+        return e
+
+    real = evaluate.real_data_metrics(net, ref, args.n)
+    print(f"real images: fid {real['fid']:.3f} is {real['is']:.2f} acc {real['accuracy']:.3f} "
+          f"(the floor at n={args.n})")
+    run("free", "free", "base")
+    for s in args.cfg_scales:
+        run("cfg", "cfg scale (base)", "base", cfg_scale=s)
+    run("cca", "cca (shipped)", "cca")
+    for s in args.cca_cfg_scales:
+        run("cca+cfg", "cfg scale (cca+cfg)", "cca", cfg_scale=s)
+    work = Path(args.work) if args.work else None
+    if work is not None and work.exists():
+        shipped = pipe.cca_gpt
+        for variant in sorted(work.glob("*_lam*"), key=lambda p: (p.name.split("_")[0], float(p.name.split("lam")[1]))):
+            loss, lam = variant.name.split("_lam")[0], float(variant.name.split("_lam")[1])
+            pipe.cca_gpt = load_gpt(variant)
+            sweep = "lambda (cca)" if loss == "cca" else loss
+            run("cca", sweep, f"{loss} lambda={lam:g}", **{"lambda": lam, "loss": loss})
+        pipe.cca_gpt = shipped
+    noise = []
+    for rep in range(1, args.noise_repeats + 1):
+        e = evaluate.evaluate_mode(pipe, net, ref, "cca", args.n, seed_base=rep * 1_000_003, progress=True, **opts)
+        noise.append(e["fid"])
+    first_cca = next(e["fid"] for e in entries if e["sweep"] == "cca (shipped)")
+    report = {"model": pipe.name, "n": args.n, "n_ref": args.n_ref, "reference_seed": ref.seed, "real": real,
+              "options": opts, "entries": entries,
+              "noise": {"what": "fid of mode cca over independent seed sets", **evaluate.noise_estimate(
+                  [first_cca, *noise])} if noise else None,
+              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve eval " + " ".join(args.argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(_eval_markdown(report))
+    evaluate.plot_fid_is(entries, out / f"{name}_fid_is.png")
+    print(f"wrote {out / (name + '.json')}, {name}.md, {name}_fid_is.png")
+    return 0
+
+
+def _eval_markdown(report: dict[str, Any]) -> str:
+    noise = report.get("noise")
+    lines = [f"# Evaluation: {report['model']} ({report['date']})", "",
+             f"`{report['command']}`", "",
+             f"{report['n']} class-balanced samples per row; reference: {report['n_ref']} held-out real images "
+             f"(seed {report['reference_seed']}). Real held-out images score FID {report['real']['fid']:.3f}, "
+             f"accuracy {report['real']['accuracy']:.3f} at this n (the floor).", ""]
+    if noise:
+        lines += [f"Run-to-run noise ({noise['what']}): mean {noise['mean']}, std {noise['std']} over {noise['runs']} "
+                  "seed sets.", ""]
+    lines += [evaluate.markdown_table(report["entries"]), ""]
+    return "\n".join(lines)
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    from .cli import add_model_args
+
+    train = sub.add_parser("train", help="train the default model's parts (vq, codes, gpt, cca, evalnet, all)")
+    tsub = train.add_subparsers(dest="part", required=True)
+
+    p = tsub.add_parser("vq", help="train a VQ tokenizer on Shapes-1k")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=RECIPE["vq"]["steps"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["vq"]["batch_size"])
+    p.add_argument("--lr", type=float, default=RECIPE["vq"]["lr"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_vq)
+
+    p = tsub.add_parser("codes", help="tokenize Shapes-1k images with a trained VQ")
+    p.add_argument("--vq", required=True)
+    p.add_argument("--num", type=int, default=RECIPE["codes"]["num"])
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".npz with codes and labels")
+    p.add_argument("--llamagen-dir", help="also write LlamaGen's layout (<name>_codes/i.npy, <name>_labels/i.npy)")
+    p.set_defaults(func=cmd_train_codes)
+
+    p = tsub.add_parser("gpt", help="train the base AR model on extracted codes (class dropout for CFG)")
+    p.add_argument("--codes", required=True, help=".npz or LlamaGen code folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=RECIPE["gpt"]["steps"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["gpt"]["batch_size"])
+    p.add_argument("--lr", type=float, default=RECIPE["gpt"]["lr"])
+    p.add_argument("--class-dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_gpt)
+
+    p = tsub.add_parser("cca", help="fine-tune a model with CCA (or DPO / unlearning) against a frozen reference")
+    p.add_argument("--ref", required=True, help="base model: safetensors dir or LlamaGen .pt (also the init)")
+    p.add_argument("--codes", required=True, help=".npz or LlamaGen code folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--loss", choices=["cca", "dpo", "unlearn"], default="cca")
+    p.add_argument("--lambda", dest="lam", type=float, default=RECIPE["cca"]["lam"])
+    p.add_argument("--beta", type=float, default=RECIPE["cca"]["beta"])
+    p.add_argument("--uncond-ratio", type=float, default=RECIPE["cca"]["uncond_ratio"])
+    p.add_argument("--lr", type=float, default=RECIPE["cca"]["lr"])
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=RECIPE["cca"]["batch_size"])
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpt-model", default=None, help="GPT preset of --ref when it is a LlamaGen .pt")
+    p.add_argument("--image-size", type=int, default=None)
+    p.set_defaults(func=cmd_train_cca)
+
+    p = tsub.add_parser("evalnet", help="train the evaluation network on real Shapes-1k images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=RECIPE["evalnet"]["steps"])
+    p.set_defaults(func=cmd_train_evalnet)
+
+    p = tsub.add_parser("all", help="retrain the whole default model from scratch (fixed seeds)")
+    p.add_argument("--out", default="weights/shapes1k", help="shipped parts: vq, gpt, cca_gpt, evalnet")
+    p.add_argument("--work", default="runs/shapes1k", help="codes, fp32 base, the lambda-sweep and baseline models")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run of the recipe")
+    p.set_defaults(func=cmd_train_all)
+
+    p = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy per mode, with CFG and lambda sweeps")
+    p.add_argument("--n", type=int, default=5000, help="samples per setting (class-balanced)")
+    p.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference statistics")
+    p.add_argument("--cfg-scales", type=_float_list, default=[1.5, 2.0, 3.0, 4.0, 6.0])
+    p.add_argument("--cca-cfg-scales", type=_float_list, default=[1.5, 2.0, 3.0])
+    p.add_argument("--work", default="runs/shapes1k", help="folder of lambda-sweep / dpo / unlearn models")
+    p.add_argument("--evalnet", default=None, help="evaluation network dir (default: the model's)")
+    p.add_argument("--noise-repeats", type=int, default=2, help="extra seed sets for the noise estimate")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--out", default="docs/eval")
+    p.add_argument("--name", default="default", help="output file stem")
+    add_model_args(p)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,291 @@
+"""Sample-quality metrics for the embedded default model: FID, IS, precision, recall, accuracy.
+
+ImageNet metrics use an Inception network trained on ImageNet; ours use ``EvalNet``, a small CNN
+trained only on real (rendered) Shapes-1k images to tell shape, colour and texture apart. Its
+128-d penultimate features play Inception's pool features (FID, precision/recall) and the product
+of its three heads gives a 1000-way class posterior (IS, class accuracy). Reference statistics
+come from held-out real images, never from model samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import shapes
+
+REFERENCE_SEED = 7  # held-out real images for reference statistics (training uses seeds 0..2)
+
+
+class EvalNet(nn.Module):
+    """Conv net: image [B, 3, 32, 32] in [-1, 1] -> features [B, 128] and three 10-way heads."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        self.width, self.feature_dim = width, feature_dim
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
+                                  block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(4 * width, feature_dim), nn.ReLU())
+        self.heads = nn.Linear(feature_dim, 30)  # shape | colour | texture logits
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.body(images)
+        return feats, self.heads(feats).view(-1, 3, 10)
+
+    @staticmethod
+    def class_log_probs(head_logits: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 10] head logits -> [B, 1000] log p(class) = log p(shape) + log p(colour) + log p(texture)."""
+        lp = torch.log_softmax(head_logits, dim=-1)
+        return (lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]).reshape(-1, 1000)
+
+
+def attribute_targets(labels: torch.Tensor) -> torch.Tensor:
+    return torch.stack([labels // 100, (labels // 10) % 10, labels % 10], dim=1)
+
+
+@dataclass
+class EvalNetTrainArgs:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    data_seed: int = 2
+
+
+def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, progress: bool = True) -> EvalNet:
+    from .train import Schedule, _optimizer, _run, _write_log
+
+    args = args or EvalNetTrainArgs()
+    torch.manual_seed(args.seed)
+    net = EvalNet().train()
+    opt = _optimizer(net, args.lr, 1e-4)
+    schedule = Schedule(args.steps, args.lr, warmup=20, min_lr_ratio=0.01)
+
+    def step_fn(step: int) -> dict[str, float]:
+        images, labels = shapes.make_batch(args.data_seed, range(step * args.batch_size, (step + 1) * args.batch_size))
+        _, logits = net(images)
+        target = attribute_targets(labels)
+        loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1))
+        loss.backward()
+        return {"loss": loss.item(), "acc": float((logits.argmax(-1) == target).all(1).float().mean())}
+
+    start = time.time()
+    history = _run("train evalnet", args.steps, schedule, opt, net, step_fn, progress=progress)
+    net.eval()
+    images, labels = shapes.make_batch(REFERENCE_SEED + 1, range(2000))
+    acc = class_accuracy(net, images, labels)
+    save_evalnet(net, out_dir, {"train": asdict(args), "heldout_class_accuracy": round(acc, 4)})
+    _write_log(Path(out_dir), "evalnet", asdict(args), history, time.time() - start)
+    return net
+
+
+def save_evalnet(net: EvalNet, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    meta = {"kind": "evalnet", "config": {"width": net.width, "feature_dim": net.feature_dim}, **(extra or {})}
+    (out / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_evalnet(path: str | Path) -> EvalNet:
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("kind") != "evalnet":
+        raise ValueError(f"{path} is not an evaluation network (kind {meta.get('kind')!r})")
+    net = EvalNet(**meta["config"])
+    net.load_state_dict(load_file(str(path / "model.safetensors")))
+    return net.eval()
+
+
+@torch.no_grad()
+def embed(net: EvalNet, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """features [N, 128] (float64) and class log-probs [N, 1000]."""
+    feats, logp = [], []
+    for start in range(0, len(images), batch_size):
+        f, h = net(images[start : start + batch_size])
+        feats.append(f.double())
+        logp.append(EvalNet.class_log_probs(h))
+    return torch.cat(feats), torch.cat(logp)
+
+
+def class_accuracy(net: EvalNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    _, logp = embed(net, images)
+    return float((logp.argmax(1) == labels).float().mean())
+
+
+# ---- metrics -------------------------------------------------------------------------------
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return feats.mean(0), torch.cov(feats.T)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); the trace of the root via the symmetric
+    form S1^1/2 S2 S1^1/2, whose eigenvalues are those of S1 S2."""
+    vals, vecs = torch.linalg.eigh(sigma1.double())
+    root1 = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    mid = root1 @ sigma2.double() @ root1
+    tr_covmean = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp(min=0).sqrt().sum()
+    diff = (mu1 - mu2).double()
+    return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(log_probs: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), one split."""
+    p = log_probs.exp()
+    log_marginal = torch.log(p.mean(0).clamp(min=1e-30))
+    return float(torch.exp((p * (log_probs - log_marginal)).sum(1).mean()))
+
+
+def _knn_radii(feats: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(feats, feats)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019: precision = share of samples inside the real manifold (union of
+    k-NN balls around real features); recall = share of real features inside the sample manifold."""
+    real_r, fake_r = _knn_radii(real, k), _knn_radii(fake, k)
+    d = torch.cdist(fake, real)  # [n_fake, n_real]
+    precision = (d <= real_r[None, :]).any(1).float().mean()
+    recall = (d.T <= fake_r[None, :]).any(1).float().mean()
+    return float(precision), float(recall)
+
+
+@dataclass
+class Reference:
+    feats: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    n: int
+    seed: int
+
+
+def reference_stats(net: EvalNet, n: int = 10000, seed: int = REFERENCE_SEED, progress: bool = True) -> Reference:
+    feats = []
+    for start in tqdm(range(0, n, 500), desc="reference images", disable=not progress, leave=False):
+        images, _ = shapes.make_batch(seed, range(start, min(n, start + 500)))
+        feats.append(embed(net, images)[0])
+    f = torch.cat(feats)
+    mu, sigma = gaussian_stats(f)
+    return Reference(f, mu, sigma, n, seed)
+
+
+def sample_metrics(net: EvalNet, ref: Reference, images: torch.Tensor, labels: torch.Tensor,
+                   pr_subset: int = 5000) -> dict[str, float]:
+    feats, logp = embed(net, images)
+    mu, sigma = gaussian_stats(feats)
+    m = min(pr_subset, len(feats), len(ref.feats))
+    precision, recall = precision_recall(ref.feats[:m].float(), feats[:m].float())
+    return {
+        "fid": round(frechet_distance(mu, sigma, ref.mu, ref.sigma), 3),
+        "is": round(inception_score(logp), 2),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "accuracy": round(float((logp.argmax(1) == labels).float().mean()), 4),
+    }
+
+
+def balanced_labels(n: int, num_classes: int = shapes.NUM_CLASSES) -> list[int]:
+    return [i % num_classes for i in range(n)]
+
+
+def evaluate_mode(pipeline: Any, net: EvalNet, ref: Reference, mode: str, n: int, seed_base: int = 0,
+                  progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Sample n class-balanced images in one mode (seed of image i = seed_base + i) and score them."""
+    labels = balanced_labels(n, pipeline.num_classes)
+    start = time.perf_counter()
+    images = pipeline.sample_images(labels, mode, [seed_base + i for i in range(n)], progress=progress, **options)
+    seconds = time.perf_counter() - start
+    opts = pipeline.options_for(mode, **options)
+    return {"mode": mode, "n": n, "seed_base": seed_base, "cfg_scale": opts.cfg_scale,
+            "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
+            **sample_metrics(net, ref, images, torch.tensor(labels)), "sample_seconds": round(seconds, 1)}
+
+
+def real_data_metrics(net: EvalNet, ref: Reference, n: int, seed: int = REFERENCE_SEED + 1) -> dict[str, Any]:
+    """The same metrics for held-out real images: the floor FID can reach with n samples."""
+    images, labels = shapes.make_batch(seed, range(n))
+    return {"mode": "real", "n": n, **sample_metrics(net, ref, images, labels)}
+
+
+def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
+    cols = ["mode", "model", "setting", "fid", "is", "precision", "recall", "accuracy", "rows_per_image"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for e in entries:
+        lines.append("| " + " | ".join(_fmt(e.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """FID vs IS, one line per sweep (CFG scale for the base model, lambda for CCA), like the paper's Fig. 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
+    styles = {"cfg scale (base)": ("tab:blue", "o-"), "lambda (cca)": ("tab:red", "s-"),
+              "cfg scale (cca+cfg)": ("tab:purple", "^-")}
+    for name, group in groups.items():
+        if name == "real":
+            continue
+        colour, style = styles.get(name, (None, "D"))
+        xs, ys = [g["is"] for g in group], [g["fid"] for g in group]
+        ax.plot(xs, ys, style, color=colour, label=name, markersize=6, linewidth=1.5 if len(group) > 1 else 0)
+        for g in group:
+            ax.annotate(g.get("setting", ""), (g["is"], g["fid"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_xlabel("Inception-style score (EvalNet), higher is better")
+    ax.set_ylabel("FID (EvalNet features), lower is better")
+    ax.set_title("Shapes-1k default model: guidance (CFG) vs guidance-free CCA")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _settings_label(entry: dict[str, Any]) -> str:
+    if entry.get("sweep", "").startswith("lambda"):
+        return f"λ={entry['lambda']:g}"
+    if entry.get("cfg_scale", 1.0) != 1.0:
+        return f"s={entry['cfg_scale']:g}"
+    return ""
+
+
+def finish_entry(entry: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    entry.update(meta)
+    entry["rows_per_image"] = 2 if entry["mode"] in ("cfg", "cca+cfg") else 1
+    entry["setting"] = _settings_label(entry)
+    return entry
+
+
+def noise_estimate(values: Sequence[float]) -> dict[str, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+    return {"mean": round(mean, 3), "std": round(sd, 3), "runs": len(values)}

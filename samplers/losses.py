@@ -1,0 +1,99 @@
+"""Training objectives: next-token cross-entropy and the CCA / DPO / unlearning preference losses.
+
+Notation follows the CCA paper: for image tokens x and class c,
+``r(x, c) = log p_theta(x | c) - log p_ref(x | c)`` summed over the image's tokens (the implicit
+reward), with p_ref the frozen base model. Positives pair x with its own class; negatives pair
+it with the class of the next row in the batch (``torch.roll(labels, 1)``), as the public
+LlamaGen+CCA code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .gpt import GPT
+
+PREFERENCE_LOSSES = ("cca", "dpo", "unlearn")
+
+
+def token_logprobs(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """log p(codes[:, i] | cond, codes[:, :i]) for every position: [B, T] fp32."""
+    logits = gpt(cond, codes[:, :-1])
+    return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprob(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """log p(x | c) summed over the image's tokens: [B]."""
+    return token_logprobs(gpt, cond, codes).sum(dim=1)
+
+
+def next_token_loss(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of teacher-forced next-token prediction (the pretraining loss)."""
+    logits = gpt(cond, codes[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
+@dataclass
+class ContrastivePairs:
+    """Class ids for the positive and negative side of each row, and how each row is weighted."""
+
+    pos: torch.Tensor          # [B] own class, or the null class on unconditional rows
+    neg: torch.Tensor          # [B] the rolled class, or the null class on unconditional rows
+    uncond_rows: torch.Tensor  # [B] bool
+    same_class_rows: torch.Tensor  # [B] bool: the rolled class equals the row's own class
+
+    @property
+    def negative_is_positive(self) -> torch.Tensor:
+        """Rows whose "negative" actually matches the image: they count as positives."""
+        return self.uncond_rows | self.same_class_rows
+
+
+def contrastive_pairs(labels: torch.Tensor, null_class: int, uncond_ratio: float = 0.1,
+                      generator: torch.Generator | None = None) -> ContrastivePairs:
+    """Negatives by rolling the labels by one; a share ``uncond_ratio`` of rows gets the null class
+    on both sides so the unconditional branch keeps being trained (CCA+CFG still works)."""
+    if not 0.0 <= uncond_ratio <= 1.0:
+        raise ValueError(f"uncond_ratio must be in [0, 1], got {uncond_ratio}")
+    neg = torch.roll(labels, 1, dims=0)
+    uncond = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device) < uncond_ratio
+    null = torch.full_like(labels, null_class)
+    pos = torch.where(uncond, null, labels)
+    neg = torch.where(uncond, null, neg)
+    return ContrastivePairs(pos, neg, uncond, (neg == labels) & ~uncond)
+
+
+def preference_loss(kind: str, pos_gap: torch.Tensor, neg_gap: torch.Tensor, negative_is_positive: torch.Tensor,
+                    lam: float, beta: float) -> torch.Tensor:
+    """The CCA loss and the two baselines of the paper, from implicit-reward gaps.
+
+    ``pos_gap``/``neg_gap`` [B]: r(x, c_pos) and r(x, c_neg). Rows flagged in
+    ``negative_is_positive`` (unconditional, or rolled onto their own class) are pushed up with
+    weight 1; the others are pushed down with weight ``lam``. CCA and unlearning average each side
+    over the batch and divide the sum by max(lam, 1); DPO ignores the flags and lam.
+    """
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss must be one of {PREFERENCE_LOSSES}, got {kind!r}")
+    if kind == "dpo":
+        return -F.logsigmoid(beta * (pos_gap - neg_gap)).mean()
+    flags = negative_is_positive.to(pos_gap.dtype)
+    weight = flags + (1.0 - flags) * lam
+    sign = 2.0 * flags - 1.0
+    if kind == "cca":
+        loss = -F.logsigmoid(beta * pos_gap).mean() - (weight * F.logsigmoid(sign * beta * neg_gap)).mean()
+    else:
+        loss = -pos_gap.mean() - (weight * sign * neg_gap).mean()
+    return loss / max(lam, 1.0)
+
+
+def reward_stats(pos_gap: torch.Tensor, neg_gap: torch.Tensor, negative_is_positive: torch.Tensor,
+                 beta: float) -> dict[str, float]:
+    """Implicit-reward accuracy (share of true negatives whose reward is below the positive's) and
+    the mean margin beta * (r_pos - r_neg) over those rows."""
+    real = ~negative_is_positive
+    if not bool(real.any()):
+        return {"reward_acc": float("nan"), "margin": float("nan")}
+    margin = beta * (pos_gap - neg_gap)[real]
+    return {"reward_acc": float((margin > 0).float().mean()), "margin": float(margin.mean())}

@@ -1,0 +1,366 @@
+"""Training: the VQ tokenizer, the base AR model, CCA (or DPO / unlearning) fine-tuning.
+
+Each trainer is a plain loop with a tqdm bar, AdamW, linear warm-up then cosine decay, fixed seeds,
+and writes a safetensors directory that ``samplers.load_gpt`` / ``load_vq`` read back. The same
+code fine-tunes real LlamaGen checkpoints: ``CodeData`` reads LlamaGen's extracted-code folders
+(``*_codes/{i}.npy`` [1, n_aug, T] and ``*_labels/{i}.npy`` [1]) as well as our packed ``.npz``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import shapes
+from .checkpoint import save_pretrained
+from .gpt import GPT, build_gpt
+from .losses import contrastive_pairs, next_token_loss, preference_loss, reward_stats, sequence_logprob
+from .vq import VQModel, build_vq
+
+
+# ---- data ----------------------------------------------------------------------------------
+class CodeData:
+    """Pre-extracted image codes [N, T] (int64) and labels [N]."""
+
+    def __init__(self, codes: np.ndarray, labels: np.ndarray):
+        if codes.ndim != 2 or labels.ndim != 1 or len(codes) != len(labels):
+            raise ValueError(f"expected codes [N, T] and labels [N], got {codes.shape} and {labels.shape}")
+        self.codes = torch.from_numpy(np.ascontiguousarray(codes).astype(np.int64))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def seq_len(self) -> int:
+        return self.codes.shape[1]
+
+    @classmethod
+    def load(cls, path: str | Path) -> CodeData:
+        """A ``.npz`` with ``codes`` and ``labels``, or a LlamaGen code folder (the one holding
+        ``<name>_codes/`` and ``<name>_labels/``, or a ``*_codes`` folder itself). For LlamaGen files
+        with several augmentations per image the first (un-flipped centre crop) is used."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                return cls(data["codes"], data["labels"])
+        if not path.is_dir():
+            raise FileNotFoundError(f"no code file or folder at {path}")
+        code_dir = path if path.name.endswith("_codes") else next(iter(sorted(path.glob("*_codes"))), None)
+        if code_dir is None:
+            raise FileNotFoundError(f"{path} has no *_codes folder (LlamaGen extract_codes_c2i layout)")
+        label_dir = code_dir.with_name(code_dir.name[: -len("_codes")] + "_labels")
+        if not label_dir.is_dir():
+            raise FileNotFoundError(f"found {code_dir} but not its labels folder {label_dir}")
+        ids = sorted(int(p.stem) for p in code_dir.glob("*.npy"))
+        if not ids:
+            raise FileNotFoundError(f"{code_dir} holds no .npy files")
+        codes = [np.load(code_dir / f"{i}.npy").reshape(-1, np.load(code_dir / f"{i}.npy").shape[-1])[0] for i in ids]
+        labels = [int(np.load(label_dir / f"{i}.npy").reshape(-1)[0]) for i in ids]
+        return cls(np.stack(codes), np.asarray(labels))
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, codes=self.codes.numpy().astype(np.int16 if self.codes.max() < 32768 else np.int32),
+                            labels=self.labels.numpy().astype(np.int16))
+
+    def save_llamagen(self, folder: str | Path, name: str = "shapes") -> None:
+        """Write LlamaGen's layout: ``<name>_codes/{i}.npy`` [1, 1, T] and ``<name>_labels/{i}.npy`` [1]."""
+        folder = Path(folder)
+        (folder / f"{name}_codes").mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}_labels").mkdir(parents=True, exist_ok=True)
+        for i in range(len(self)):
+            np.save(folder / f"{name}_codes" / f"{i}.npy", self.codes[i].numpy().reshape(1, 1, -1))
+            np.save(folder / f"{name}_labels" / f"{i}.npy", self.labels[i : i + 1].numpy())
+
+    def batches(self, batch_size: int, seed: int,
+                epochs: float | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled batches, reshuffled every epoch; endless unless ``epochs`` is given."""
+        gen = torch.Generator().manual_seed(seed)
+        total = None if epochs is None else int(epochs * len(self) // batch_size)
+        done = 0
+        while total is None or done < total:
+            order = torch.randperm(len(self), generator=gen)
+            for start in range(0, len(self) - batch_size + 1, batch_size):
+                if total is not None and done >= total:
+                    return
+                idx = order[start : start + batch_size]
+                yield self.codes[idx], self.labels[idx]
+                done += 1
+
+
+# ---- shared loop pieces ---------------------------------------------------------------------
+@dataclass
+class Schedule:
+    steps: int
+    lr: float
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def _run(name: str, steps: int, schedule: Schedule, opt: torch.optim.Optimizer, model: torch.nn.Module,
+         step_fn: Callable[[int], dict[str, float]], log_every: int = 10,
+         progress: bool = True) -> list[dict[str, float]]:
+    """The loop every trainer shares: lr schedule, step, grad clip, a bar with smoothed metrics."""
+    history: list[dict[str, float]] = []
+    smooth: dict[str, float] = {}
+    bar = tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        metrics = step_fn(step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            smooth[k] = v if k not in smooth or math.isnan(smooth[k]) else 0.9 * smooth[k] + 0.1 * v
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "lr": schedule(step), **metrics})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()})
+    return history
+
+
+def _write_log(out_dir: Path, name: str, args: dict[str, Any], history: list[dict[str, float]], seconds: float) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_log.json").write_text(json.dumps(
+        {"trainer": name, "args": args, "seconds": round(seconds, 1), "history": history}, indent=1))
+
+
+# ---- VQ tokenizer -------------------------------------------------------------------------
+DEFAULT_VQ_CONFIG = {"codebook_size": 512, "codebook_embed_dim": 8, "ch": 16, "encoder_ch_mult": [1, 2, 2],
+                     "decoder_ch_mult": [1, 2, 2], "z_channels": 32, "num_res_blocks": 1, "norm_groups": 8}
+
+
+@dataclass
+class VQTrainArgs:
+    steps: int = 5000
+    batch_size: int = 16  # small batches, many steps: measured to converge faster per CPU-second
+    lr: float = 2e-3
+    seed: int = 0
+    data_seed: int = 0
+    pool_size: int = 16000  # rendered once, then sampled: rendering costs ~1.5 ms per image
+    commit_beta: float = 0.25
+    restart_every: int = 100
+
+
+def _quantize_train(vq: VQModel, z: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straight-through quantisation of latents z [B, D, h, w] with codebook and commitment losses."""
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    if vq.quantize.l2_norm:
+        flat = F.normalize(flat, dim=-1)
+    codes = vq.quantize.nearest(flat)
+    zq = vq.quantize.codebook()[codes]
+    loss = F.mse_loss(zq, flat.detach()) + beta * F.mse_loss(flat, zq.detach())
+    zq = flat + (zq - flat).detach()
+    return zq.view(b, h, w, d).permute(0, 3, 1, 2), loss, codes
+
+
+def train_vq(out_dir: str | Path, config: dict[str, Any] | None = None, args: VQTrainArgs | None = None,
+             progress: bool = True) -> VQModel:
+    """Train the tokenizer on freshly rendered Shapes-1k images (no image is seen twice)."""
+    args = args or VQTrainArgs()
+    torch.manual_seed(args.seed)
+    vq = build_vq({**DEFAULT_VQ_CONFIG, **(config or {})}).train()
+    opt = _optimizer(vq, args.lr, 0.0)
+    schedule = Schedule(args.steps, args.lr, warmup=50)
+    usage = torch.zeros(vq.config.codebook_size)
+    rng = torch.Generator().manual_seed(args.seed)
+    pool, _ = shapes.make_batch(args.data_seed, range(args.pool_size))
+
+    def step_fn(step: int) -> dict[str, float]:
+        images = pool[torch.randint(0, len(pool), (args.batch_size,), generator=rng)]
+        z = vq.encode_latents(images)
+        zq, vq_loss, codes = _quantize_train(vq, z, args.commit_beta)
+        recon = vq.decode_latents(zq)
+        rec_loss = F.mse_loss(recon, images) + 0.2 * F.l1_loss(recon, images)
+        (rec_loss + vq_loss).backward()
+        usage.mul_(0.99).add_(torch.bincount(codes, minlength=usage.numel()).float())
+        if args.restart_every and step % args.restart_every == args.restart_every - 1 and step < args.steps * 0.8:
+            # dead codes restart on latents of this batch: keeps the codebook in use
+            dead = (usage < 1e-3).nonzero().squeeze(1)
+            if dead.numel():
+                lat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
+                pick = torch.randint(0, lat.shape[0], (dead.numel(),), generator=rng)
+                with torch.no_grad():
+                    vq.quantize.embedding.weight[dead] = lat[pick] + 0.01 * torch.randn(dead.numel(), lat.shape[1],
+                                                                                        generator=rng)
+                usage[dead] = 1.0
+        psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), images).item(), 1e-10))
+        return {"rec": rec_loss.item(), "vq": vq_loss.item(), "psnr": psnr, "used": float((usage > 1e-3).sum())}
+
+    start = time.time()
+    history = _run("train vq", args.steps, schedule, opt, vq, step_fn, progress=progress)
+    vq.eval()
+    quality = vq_reconstruction_quality(vq, data_seed=args.data_seed + 1000)
+    out = Path(out_dir)
+    save_pretrained(vq, out, extra={"train": asdict(args), "reconstruction": quality})
+    _write_log(out, "vq", asdict(args), history, time.time() - start)
+    return vq
+
+
+@torch.no_grad()
+def vq_reconstruction_quality(vq: VQModel, n: int = 1000, data_seed: int = 1000) -> dict[str, float]:
+    """PSNR (dB, images in [0, 1]) and codebook usage on held-out images."""
+    mse, used = [], set()
+    for start in range(0, n, 100):
+        images, _ = shapes.make_batch(data_seed, range(start, min(n, start + 100)))
+        codes = vq.encode_to_codes(images)
+        used.update(codes.unique().tolist())
+        recon = vq.decode_code(codes)
+        mse.append(((recon - images) / 2).pow(2).mean(dim=(1, 2, 3)))
+    mse_t = torch.cat(mse)
+    return {"psnr_db": round(float((10 * torch.log10(1.0 / mse_t)).mean()), 2), "mse": round(float(mse_t.mean()), 5),
+            "codebook_used": len(used), "codebook_size": vq.config.codebook_size, "images": n}
+
+
+@torch.no_grad()
+def extract_codes(vq: VQModel, num_images: int, data_seed: int = 0, batch_size: int = 250,
+                  progress: bool = True) -> CodeData:
+    """Tokenize the first ``num_images`` Shapes-1k images of ``data_seed``."""
+    vq.eval()
+    codes, labels = [], []
+    for start in tqdm(range(0, num_images, batch_size), desc="extract codes", disable=not progress):
+        images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
+        codes.append(vq.encode_to_codes(images))
+        labels.append(lab)
+    return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
+
+
+# ---- base AR model ------------------------------------------------------------------------
+DEFAULT_GPT_CONFIG = {"dim": 192, "n_layer": 6, "n_head": 6, "vocab_size": 512, "num_classes": 1000,
+                      "block_size": 64, "multiple_of": 64, "class_dropout_prob": 0.1}
+
+
+@dataclass
+class GPTTrainArgs:
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    class_dropout: float = 0.1
+    seed: int = 0
+
+
+def train_gpt(out_dir: str | Path, data: CodeData, config: dict[str, Any] | None = None,
+              args: GPTTrainArgs | None = None, progress: bool = True) -> GPT:
+    """Next-token training with class dropout: a share ``class_dropout`` of rows gets the null
+    class, which is what makes classifier-free guidance possible later."""
+    args = args or GPTTrainArgs()
+    torch.manual_seed(args.seed)
+    config = {**DEFAULT_GPT_CONFIG, **(config or {})}
+    if config["block_size"] != data.seq_len:
+        raise ValueError(f"model block_size {config['block_size']} != code length {data.seq_len}")
+    gpt = build_gpt(config)
+    gpt.init_weights()
+    gpt.train()
+    null = gpt.config.null_class
+    opt = _optimizer(gpt, args.lr, args.weight_decay)
+    schedule = Schedule(args.steps, args.lr, warmup=max(1, args.steps // 20))
+    batches = data.batches(args.batch_size, args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def step_fn(step: int) -> dict[str, float]:
+        codes, labels = next(batches)
+        drop = torch.rand(labels.shape, generator=gen) < args.class_dropout
+        loss = next_token_loss(gpt, torch.where(drop, torch.full_like(labels, null), labels), codes)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    start = time.time()
+    history = _run("train gpt", args.steps, schedule, opt, gpt, step_fn, progress=progress)
+    gpt.eval()
+    out = Path(out_dir)
+    save_pretrained(gpt, out, extra={"train": asdict(args)})
+    _write_log(out, "gpt", asdict(args), history, time.time() - start)
+    return gpt
+
+
+# ---- CCA / DPO / unlearning fine-tuning --------------------------------------------------
+@dataclass
+class CCATrainArgs:
+    loss: str = "cca"
+    lam: float = 50.0
+    beta: float = 0.02
+    uncond_ratio: float = 0.1
+    lr: float = 1e-4
+    epochs: float = 1.0
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None
+
+
+def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATrainArgs | None = None,
+              progress: bool = True) -> GPT:
+    """Fine-tune a copy of ``ref`` with a preference loss; ``ref`` stays frozen as the reference.
+
+    Per batch: positives (x, c), negatives (x, roll(c)), and a share of rows made unconditional on
+    both sides. One forward of the trained model and one of the reference over the 2B rows give
+    the implicit rewards r = log p_theta - log p_ref summed over each image's tokens.
+    """
+    args = args or CCATrainArgs()
+    if not ref.config.has_null_class:
+        raise ValueError("CCA needs a model trained with class dropout (a null-class row in the label table)")
+    if ref.config.block_size != data.seq_len:
+        raise ValueError(f"model block_size {ref.config.block_size} != code length {data.seq_len}")
+    torch.manual_seed(args.seed)
+    ref = ref.eval().requires_grad_(False)
+    policy = copy.deepcopy(ref).train().requires_grad_(True)
+    policy.tok_dropout.p = 0.0  # rewards must compare like with like
+    opt = _optimizer(policy, args.lr, args.weight_decay)
+    steps = int(args.epochs * len(data) // args.batch_size)
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
+    if steps < 1:
+        raise ValueError(f"{len(data)} images make no batch of {args.batch_size}")
+    schedule = Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0)
+    batches = data.batches(args.batch_size, args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def step_fn(step: int) -> dict[str, float]:
+        codes, labels = next(batches)
+        pairs = contrastive_pairs(labels, ref.config.null_class, args.uncond_ratio, gen)
+        cond = torch.cat([pairs.pos, pairs.neg])
+        both = torch.cat([codes, codes])
+        with torch.no_grad():
+            ref_lp = sequence_logprob(ref, cond, both)
+        gap = sequence_logprob(policy, cond, both) - ref_lp
+        pos_gap, neg_gap = gap.chunk(2)
+        flags = pairs.negative_is_positive
+        loss = preference_loss(args.loss, pos_gap, neg_gap, flags, args.lam, args.beta)
+        loss.backward()
+        return {"loss": loss.item(), **reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)}
+
+    start = time.time()
+    history = _run(f"train {args.loss}", steps, schedule, opt, policy, step_fn, progress=progress)
+    policy.eval().requires_grad_(False)
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_pretrained(policy, out, extra={"train": asdict(args)})
+        _write_log(out, args.loss, asdict(args), history, time.time() - start)
+    return policy

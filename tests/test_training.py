@@ -1,0 +1,193 @@
+"""CCA / DPO / unlearning losses, the trainers, the Shapes-1k dataset and the eval metrics."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from samplers import load_gpt, shapes
+from samplers.evaluate import EvalNet, frechet_distance, inception_score, precision_recall
+from samplers.losses import contrastive_pairs, preference_loss, sequence_logprob
+from samplers.train import CCATrainArgs, CodeData, GPTTrainArgs, VQTrainArgs, train_cca, train_gpt, train_vq
+from tests.conftest import TINY_GPT, random_gpt
+
+
+def _logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_cca_loss_hand_computed():
+    # Three rows: row 0 a real negative, row 1 unconditional, row 2 rolled onto its own class.
+    pos = torch.tensor([10.0, -5.0, 20.0])
+    neg = torch.tensor([30.0, 4.0, -10.0])
+    flags = torch.tensor([False, True, True])
+    lam, beta = 10.0, 0.1
+    # by hand: positives -mean(logsig(1.0), logsig(-0.5), logsig(2.0));
+    # negatives: row 0 pushed down with weight lam (sign -1), rows 1, 2 pushed up with weight 1.
+    pos_term = -(_logsig(1.0) + _logsig(-0.5) + _logsig(2.0)) / 3
+    neg_term = -(10.0 * _logsig(-3.0) + _logsig(0.4) + _logsig(-1.0)) / 3
+    expected_cca = (pos_term + neg_term) / 10.0
+    assert preference_loss("cca", pos, neg, flags, lam, beta).item() == pytest.approx(expected_cca, rel=1e-6)
+    expected_unlearn = (-(10 - 5 + 20) / 3 - (-10.0 * 30 + 4 - 10) / 3) / 10.0
+    assert preference_loss("unlearn", pos, neg, flags, lam, beta).item() == pytest.approx(expected_unlearn, rel=1e-6)
+    expected_dpo = -(_logsig(0.1 * -20) + _logsig(0.1 * -9) + _logsig(0.1 * 30)) / 3
+    assert preference_loss("dpo", pos, neg, flags, lam, beta).item() == pytest.approx(expected_dpo, rel=1e-6)
+    # lambda < 1: no rescaling below 1
+    assert preference_loss("cca", pos, neg, flags, 0.5, beta).item() == pytest.approx(
+        pos_term - (0.5 * _logsig(-3.0) + _logsig(0.4) + _logsig(-1.0)) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        preference_loss("ppo", pos, neg, flags, lam, beta)
+
+
+def test_cca_loss_matches_golden(golden):
+    data = json.loads((golden / "cca_loss.json").read_text())
+    pos, neg = torch.tensor(data["pos_gap"]), torch.tensor(data["neg_gap"])
+    flags = torch.tensor(data["uncond_rows"]) | torch.tensor(data["same_class_rows"])
+    for case in data["cases"]:
+        for kind in ("cca", "dpo", "unlearn"):
+            got = preference_loss(kind, pos, neg, flags, case["lambda"], case["beta"]).item()
+            assert got == pytest.approx(case[kind], rel=1e-5, abs=1e-6), (kind, case)
+
+
+def test_contrastive_pairs_roll_and_null_rows():
+    labels = torch.tensor([3, 5, 5, 7, 1, 2, 9, 4])
+    pairs = contrastive_pairs(labels, null_class=10, uncond_ratio=0.0)
+    assert pairs.neg.tolist() == [4, 3, 5, 5, 7, 1, 2, 9]  # rolled by one
+    assert pairs.same_class_rows.tolist() == [False, False, True, False, False, False, False, False]
+    pairs = contrastive_pairs(labels, 10, uncond_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    u = pairs.uncond_rows
+    assert 0 < int(u.sum()) < len(labels)
+    assert (pairs.pos[u] == 10).all() and (pairs.neg[u] == 10).all()
+    assert (pairs.pos[~u] == labels[~u]).all()
+    assert not (pairs.same_class_rows & u).any()
+    with pytest.raises(ValueError, match="uncond_ratio"):
+        contrastive_pairs(labels, 10, uncond_ratio=1.5)
+
+
+def _tiny_codes(n: int = 256, seed: int = 0) -> CodeData:
+    # a learnable toy: each class has its own token pattern plus noise
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    base = torch.randint(0, 64, (10, 16), generator=g)
+    noise = torch.randint(0, 64, (n, 16), generator=g)
+    keep = torch.rand(n, 16, generator=g) < 0.8
+    codes = torch.where(keep, base[labels], noise)
+    return CodeData(codes.numpy(), labels.numpy())
+
+
+def test_gpt_training_reduces_loss(tmp_path):
+    data = _tiny_codes()
+    gpt = train_gpt(tmp_path / "gpt", data, {k: v for k, v in TINY_GPT.items() if "dropout" not in k},
+                    GPTTrainArgs(steps=60, batch_size=32, lr=3e-3), progress=False)
+    log = json.loads((tmp_path / "gpt" / "train_log.json").read_text())["history"]
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    again = load_gpt(tmp_path / "gpt")  # the saved model is the trained one
+    c, x = data.labels[:4], data.codes[:4]
+    assert torch.equal(sequence_logprob(again, c, x), sequence_logprob(gpt, c, x))
+
+
+def test_cca_training_separates_positive_from_negative(tmp_path):
+    data = _tiny_codes()
+    ref = random_gpt(0)
+    ref.init_weights()
+    before = ref.state_dict()["output.weight"].clone()
+    args = CCATrainArgs(lam=10.0, beta=0.1, lr=3e-3, epochs=4, batch_size=32, uncond_ratio=0.1)
+    policy = train_cca(tmp_path / "cca", ref, data, args, progress=False)
+    log = json.loads((tmp_path / "cca" / "train_log.json").read_text())["history"]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["reward_acc"] > 0.9 and log[-1]["margin"] > log[0]["margin"]
+    assert torch.equal(ref.state_dict()["output.weight"], before)  # the reference stays frozen
+    # the fine-tuned model prefers each image's own class over another class
+    c, x = data.labels[:50], data.codes[:50]
+    with torch.no_grad():
+        gap_pos = sequence_logprob(policy, c, x) - sequence_logprob(ref, c, x)
+        gap_neg = sequence_logprob(policy, (c + 1) % 10, x) - sequence_logprob(ref, (c + 1) % 10, x)
+    assert (gap_pos > gap_neg).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("loss", ["dpo", "unlearn"])
+def test_baseline_losses_train(tmp_path, loss):
+    ref = random_gpt(0)
+    ref.init_weights()
+    args = CCATrainArgs(loss=loss, lam=10.0, beta=0.1, lr=1e-3, epochs=1, batch_size=32)
+    train_cca(tmp_path / loss, ref, _tiny_codes(), args, progress=False)
+    log = json.loads((tmp_path / loss / "train_log.json").read_text())["history"]
+    assert log[-1]["margin"] > log[0]["margin"]
+
+
+def test_cca_needs_null_class():
+    with pytest.raises(ValueError, match="class dropout"):
+        train_cca(None, random_gpt(0, class_dropout_prob=0.0), _tiny_codes(), CCATrainArgs(max_steps=1))
+
+
+def test_vq_training_reduces_reconstruction_loss(tmp_path):
+    config = {"codebook_size": 32, "ch": 16, "z_channels": 16, "norm_groups": 8}
+    train_vq(tmp_path / "vq", config, VQTrainArgs(steps=30, batch_size=8, pool_size=64, lr=3e-3), progress=False)
+    log = json.loads((tmp_path / "vq" / "train_log.json").read_text())["history"]
+    assert log[-1]["rec"] < log[0]["rec"]
+    meta = json.loads((tmp_path / "vq" / "config.json").read_text())
+    assert meta["reconstruction"]["psnr_db"] > 0 and meta["config"]["codebook_size"] == 32
+
+
+def test_code_data_llamagen_layout_round_trip(tmp_path):
+    data = _tiny_codes(20)
+    data.save(tmp_path / "codes.npz")
+    data.save_llamagen(tmp_path / "lg")
+    assert np.load(tmp_path / "lg" / "shapes_codes" / "3.npy").shape == (1, 1, 16)
+    for loaded in (CodeData.load(tmp_path / "codes.npz"), CodeData.load(tmp_path / "lg")):
+        assert torch.equal(loaded.codes, data.codes) and torch.equal(loaded.labels, data.labels)
+    # LlamaGen's ten-crop files [1, 10, T]: the first crop is used
+    np.save(tmp_path / "lg" / "shapes_codes" / "0.npy", np.stack([data.codes[0].numpy()] * 10)[None])
+    assert torch.equal(CodeData.load(tmp_path / "lg" / "shapes_codes").codes[0], data.codes[0])
+    with pytest.raises(FileNotFoundError):
+        CodeData.load(tmp_path / "nothing")
+
+
+def test_dataset_is_deterministic_per_seed():
+    a, la = shapes.make_batch(0, range(5))
+    b, lb = shapes.make_batch(0, range(5))
+    c, _ = shapes.make_batch(1, range(5))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert la.tolist() == [0, 1, 2, 3, 4]
+    assert a.shape == (5, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    # an item does not depend on which other items are rendered with it
+    assert torch.equal(shapes.ShapesDataset(10, 0)[3][0], a[3])
+
+
+def test_class_names():
+    names = shapes.class_names()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert shapes.class_name(207) == "red shaded triangle"
+    with pytest.raises(ValueError):
+        shapes.class_name(1000)
+
+
+def test_metrics_on_known_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, generator=g, dtype=torch.float64)
+    mu, sigma = x.mean(0), torch.cov(x.T)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    # diagonal covariances: closed form sum (sqrt(a) - sqrt(b))^2 + |mu1 - mu2|^2
+    s1, s2 = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), torch.diag(torch.tensor([9.0, 1.0],
+                                                                                             dtype=torch.float64))
+    m1, m2 = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(5.0 + (1 - 3) ** 2 + (2 - 1) ** 2)
+    # IS: confident and uniform over classes -> number of classes; all the same -> 1
+    logp = torch.log(torch.eye(10) * 0.999 + 0.0001)
+    assert inception_score(torch.log_softmax(logp, 1)) == pytest.approx(10, rel=0.05)
+    assert inception_score(torch.log_softmax(logp[[0] * 10], 1)) == pytest.approx(1.0)
+    p, r = precision_recall(x[:500].float(), x[:500].float())
+    assert p == r == 1.0
+    p, r = precision_recall(x[:500].float(), x[:500].float() + 100)
+    assert p == r == 0.0
+
+
+def test_evalnet_class_posterior_is_a_distribution():
+    net = EvalNet().eval()
+    images, _ = shapes.make_batch(0, range(4))
+    feats, heads = net(images)
+    logp = EvalNet.class_log_probs(heads)
+    assert feats.shape == (4, 128) and logp.shape == (4, 1000)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(4), atol=1e-5)
