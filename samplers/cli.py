@@ -131,6 +131,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import uvicorn
+
+    from server.app import ModelServer, create_app
+    from server.engine import Engine
+
+    pipe = pipeline_from_args(args)
+    engine = Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue, request_timeout_s=args.timeout)
+    app = create_app(ModelServer({pipe.name: engine}))
+    if not args.no_ui:
+        from ui.app import mount_ui
+
+        mount_ui(app, engine)
+    where = f"http://{args.host}:{args.port}"
+    print(f"serving {pipe.name} ({', '.join(pipe.modes)}) on {where}  UI: {where}/ui  API docs: {where}/docs")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models in the registry")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="HTTP API + Gradio UI (/ui) with a continuous-batching engine")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-rows", type=int, default=64, help="KV-cache rows per model per step (batch bound)")
+    p.add_argument("--max-queue", type=int, default=256, help="queued requests before 503")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request fails with 504")
+    p.add_argument("--no-ui", action="store_true", help="API only")
+    p.add_argument("--log-level", default="info")
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from .cli_train import add_train_commands
 

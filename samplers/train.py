@@ -253,7 +253,9 @@ def extract_codes(vq: VQModel, num_images: int, data_seed: int = 0, batch_size: 
 
 # ---- base AR model ------------------------------------------------------------------------
 DEFAULT_GPT_CONFIG = {"dim": 192, "n_layer": 6, "n_head": 6, "vocab_size": 512, "num_classes": 1000,
-                      "block_size": 64, "multiple_of": 64, "class_dropout_prob": 0.1}
+                      "block_size": 64, "multiple_of": 64, "class_dropout_prob": 0.1,
+                      # a small model on endless procedural data underfits: dropout would only slow it
+                      "token_dropout_p": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0}
 
 
 @dataclass

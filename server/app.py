@@ -1,0 +1,327 @@
+"""The HTTP API: FastAPI over the batching engine.
+
+    GET  /generate?class=207&mode=cca&seed=0    -> PNG (seed echoed in X-Seed)
+    POST /generate                               -> JSON with base64 PNGs and per-image costs
+    GET  /compare?class=207&seed=0               -> the four modes side by side (PNG or JSON)
+    GET  /stats, /metrics, /health, /models
+
+Models are named by registry key only; a request never carries a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import random
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from samplers.cli import comparison_grid
+from samplers.generate import MAX_SEED, SamplingOptions
+from samplers.pipeline import MODES, normalize_mode
+
+from .engine import Engine, EngineResult, QueueFull, RequestCancelled, RequestTimeout
+from .stats import prometheus
+
+log = logging.getLogger("ccaserve.server")
+
+MAX_N = 16  # images per request (a grid)
+MODE_HELP = "free | cfg | cca | cca+cfg (also cca_cfg, or 'cca cfg' as an unencoded '+' arrives)"
+
+
+class ApiError(Exception):
+    """422 with the offending field, its allowed range and a message."""
+
+    def __init__(self, field_name: str, message: str, allowed: Any = None, status: int = 422):
+        super().__init__(message)
+        self.field, self.message, self.allowed, self.status = field_name, message, allowed, status
+
+
+class ModelServer:
+    """The loaded models (registry name -> engine); injected into the endpoints."""
+
+    def __init__(self, engines: dict[str, Engine], default: str | None = None):
+        if not engines:
+            raise ValueError("no engines")
+        self.engines = engines
+        self.default = default or next(iter(engines))
+
+    def engine(self, name: str | None) -> Engine:
+        name = name or self.default
+        if name not in self.engines:
+            raise ApiError("model", f"unknown model {name!r}", allowed=list(self.engines))
+        return self.engines[name]
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+
+# ---- request / response models --------------------------------------------------------------
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    class_id: int = Field(207, alias="class", ge=0, description="class id in [0, num_classes - 1] of the model")
+    mode: str | None = Field(None, description=f"{MODE_HELP}; default cca when a CCA model is loaded, else cfg")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image (random when omitted); "
+                             "image i of a grid uses seed + i")
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0, description="guidance scale of cfg modes "
+                                    "(default: the model's); ignored by free and cca")
+    cfg_interval: int = Field(-1, ge=-1, le=4096, description="guide only tokens 0..cfg_interval+1; -1 = all")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = no top-k filter")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus filter")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"images per request, 1..{MAX_N} (a grid for GET)")
+    model: str | None = Field(None, description="registry name of a loaded model (GET /models)")
+
+
+class GeneratedImage(BaseModel):
+    png_base64: str
+    class_id: int
+    class_name: str
+    seed: int
+    mode: str
+    cfg_scale: float
+    latency_s: float = Field(description="submit -> image ready")
+    queue_wait_s: float = Field(description="submit -> first decoding step")
+    rows_x_steps: int = Field(description="cost: KV-cache rows used, summed over decoding steps")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    mode: str
+    images: list[GeneratedImage]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    modes: list[str]
+    default_mode: str
+    default_cfg_scale: float
+    image_size: int
+    tokens: int
+    num_classes: int
+    class_names: list[str] | None
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _validate(engine: Engine, p: SamplingParams) -> tuple[str, SamplingOptions]:
+    pipe = engine.pipeline
+    if p.class_id >= pipe.num_classes:
+        raise ApiError("class", f"class {p.class_id} out of range", allowed=f"[0, {pipe.num_classes - 1}]")
+    try:
+        mode = normalize_mode(p.mode or pipe.default_mode)
+    except ValueError:
+        raise ApiError("mode", f"unknown mode {p.mode!r}", allowed=pipe.modes) from None
+    if mode not in pipe.modes:
+        raise ApiError("mode", f"mode {mode!r} needs a CCA model; {pipe.name} has none", allowed=pipe.modes)
+    if p.seed is not None and p.seed + p.n - 1 > MAX_SEED:
+        raise ApiError("seed", "seed + n - 1 exceeds the largest seed", allowed=f"[0, {MAX_SEED}]")
+    opts = pipe.options_for(mode, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval, temperature=p.temperature,
+                            top_k=p.top_k, top_p=p.top_p)
+    return mode, opts
+
+
+async def _run(engine: Engine, request: Request, jobs: Sequence[tuple[int, str, int, SamplingOptions]]
+               ) -> list[EngineResult]:
+    """Submit images, await them, and cancel them if the client disconnects meanwhile."""
+    submitted = engine.submit_many(list(jobs))
+    futures = [asyncio.wrap_future(r.future) for r in submitted]
+    gathered = asyncio.gather(*futures)
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed: no "never retrieved"
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.25)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                raise RequestCancelled("client disconnected")
+    except BaseException:
+        for r in submitted:
+            engine.cancel(r)
+        gathered.cancel()
+        raise
+
+
+def _seeds(p: SamplingParams) -> list[int]:
+    first = p.seed if p.seed is not None else random.randrange(0, MAX_SEED - MAX_N)
+    return [first + i for i in range(p.n)]
+
+
+def _image_json(engine: Engine, r: EngineResult) -> GeneratedImage:
+    return GeneratedImage(png_base64=base64.b64encode(_png(r.image)).decode(), class_id=r.class_id,
+                          class_name=engine.pipeline.class_name(r.class_id), seed=r.seed, mode=r.mode,
+                          cfg_scale=r.options.cfg_scale, latency_s=round(r.latency_s, 4),
+                          queue_wait_s=round(r.queue_wait_s, 4), rows_x_steps=r.rows_x_steps)
+
+
+def _grid(images: list[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ---- the app --------------------------------------------------------------------------------
+def get_server(request: Request) -> ModelServer:
+    """The loaded models, injected into every endpoint (tests and embedders can swap app.state.server)."""
+    return request.app.state.server
+
+
+Server = Annotated[ModelServer, Depends(get_server)]
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    app = FastAPI(title="ccaserve", version="0.1",
+                  description="Class-conditional AR image generation in four modes (free, cfg, cca, cca+cfg) "
+                              "with continuous batching and cost statistics.")
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        server.engines[server.default].stats.error(exc.status)
+        body = {"detail": [{"field": exc.field, "message": exc.message, "allowed": exc.allowed}]}
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        server.engines[server.default].stats.error(422)
+        detail = []
+        for err in exc.errors():
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "body")]
+            ctx = {k: v for k, v in (err.get("ctx") or {}).items() if isinstance(v, int | float | str)}
+            detail.append({"field": ".".join(loc) or "request", "message": err.get("msg", "invalid"),
+                           "allowed": ctx or None})
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        server.engines[server.default].stats.error(503)
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(RequestTimeout)
+    async def _timeout(request: Request, exc: RequestTimeout) -> JSONResponse:
+        server.engines[server.default].stats.error(504)
+        return JSONResponse({"detail": str(exc)}, status_code=504)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # never leak a stack trace
+        log.exception("unhandled error on %s", request.url.path)
+        server.engines[server.default].stats.error(500)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    async def _generate(server: ModelServer, request: Request, p: SamplingParams) -> tuple[Engine, str,
+                                                                                          list[EngineResult]]:
+        engine = server.engine(p.model)
+        mode, opts = _validate(engine, p)
+        try:
+            results = await _run(engine, request, [(p.class_id, mode, s, opts) for s in _seeds(p)])
+        except RequestCancelled:
+            engine.stats.error("client_closed")
+            return engine, mode, []
+        return engine, mode, results
+
+    @app.get("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}},
+             summary="Generate a PNG (a grid when n > 1)")
+    async def generate_png(server: Server, request: Request, params: Annotated[SamplingParams, Query()]) -> Response:
+        engine, mode, results = await _generate(server, request, params)
+        if not results:
+            return Response(status_code=499)
+        img = results[0].image if len(results) == 1 else _grid([r.image for r in results], min(4, len(results)))
+        headers = {"X-Seed": ",".join(str(r.seed) for r in results), "X-Mode": mode,
+                   "X-Class-Name": engine.pipeline.class_name(params.class_id),
+                   "X-Latency-S": f"{max(r.latency_s for r in results):.4f}",
+                   "X-Queue-Wait-S": f"{max(r.queue_wait_s for r in results):.4f}",
+                   "X-Rows-X-Steps": ",".join(str(r.rows_x_steps) for r in results)}
+        return Response(_png(img), media_type="image/png", headers=headers)
+
+    @app.post("/generate", response_model=GenerateResponse, summary="Generate images, JSON with base64 PNGs")
+    async def generate_json(server: Server, request: Request, params: SamplingParams) -> Any:
+        engine, mode, results = await _generate(server, request, params)
+        if not results:
+            return Response(status_code=499)
+        return GenerateResponse(model=engine.pipeline.name, mode=mode,
+                                images=[_image_json(engine, r) for r in results])
+
+    @app.get("/compare", summary="The same class and seed in every available mode, side by side",
+             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+    async def compare(server: Server, request: Request,
+                      class_id: Annotated[int, Query(alias="class", ge=0, description="class id")] = 207,
+                      seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
+                      cfg_scale: Annotated[float | None, Query(ge=0.0, le=50.0)] = None,
+                      temperature: Annotated[float, Query(ge=0.0, le=10.0)] = 1.0,
+                      top_k: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+                      top_p: Annotated[float, Query(gt=0.0, le=1.0)] = 1.0,
+                      model: Annotated[str | None, Query(description="registry name")] = None,
+                      format: Annotated[Literal["png", "json"], Query(description="png grid or json")] = "png",
+                      ) -> Any:
+        engine = server.engine(model)
+        pipe = engine.pipeline
+        jobs = []
+        for mode in pipe.modes:
+            p = SamplingParams(class_id=class_id, mode=mode, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+            m, opts = _validate(engine, p)
+            jobs.append((class_id, m, seed, opts))
+        try:
+            results = await _run(engine, request, jobs)
+        except RequestCancelled:
+            return Response(status_code=499)
+        if format == "json":
+            return GenerateResponse(model=pipe.name, mode="compare", images=[_image_json(engine, r) for r in results])
+        labels = [f"{r.mode} ({r.options.cfg_scale:g})\n{r.latency_s:.2f}s, {r.rows_x_steps} rxs" for r in results]
+        grid = comparison_grid([[r.image for r in results]], labels, [f"{class_id}: {pipe.class_name(class_id)}"])
+        return Response(_png(grid), media_type="image/png", headers={"X-Seed": str(seed)})
+
+    @app.get("/stats", summary="Throughput, latency percentiles, batch occupancy, per mode and overall")
+    async def stats(server: Server, model: Annotated[str | None, Query(description="registry name")] = None
+                    ) -> dict[str, Any]:
+        engine = server.engine(model)
+        snap = engine.stats.snapshot()
+        snap["model"] = engine.pipeline.name
+        snap["queue"] = {"length": engine.queue_length(), "max": engine.max_queue}
+        snap["rows_in_use"] = engine.rows_in_use()
+        snap["max_rows_per_step"] = engine.max_rows
+        return snap
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="The /stats numbers in Prometheus text format")
+    async def metrics(server: Server) -> PlainTextResponse:
+        engine = server.engine(None)
+        return PlainTextResponse(prometheus(engine.stats.snapshot()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/health")
+    async def health(server: Server) -> dict[str, Any]:
+        return {"status": "ok", "models": list(server.engines),
+                "queue": {k: e.queue_length() for k, e in server.engines.items()}}
+
+    @app.get("/models", response_model=list[ModelInfo])
+    async def models(server: Server) -> list[ModelInfo]:
+        out = []
+        for name, e in server.engines.items():
+            p = e.pipeline
+            out.append(ModelInfo(name=name, modes=p.modes, default_mode=p.default_mode,
+                                 default_cfg_scale=p.default_cfg_scale, image_size=p.image_size,
+                                 tokens=p.gpt.config.block_size, num_classes=p.num_classes,
+                                 class_names=p.class_names))
+        return out
+
+    return app
+
+
+__all__ = ["create_app", "ModelServer", "SamplingParams", "MODES"]

@@ -1,0 +1,262 @@
+"""The batching engine: one background thread per loaded model pair, continuous batching per step.
+
+Requests wait in a bounded queue. Before every step the loop admits as many as fit into the
+model's KV cache (a guided request takes two rows, an unguided one row); then each model with
+work advances all its images by one token in one forward pass, so ``free`` and ``cfg`` images
+share the base model's pass and ``cca`` and ``cca+cfg`` images share the CCA model's. Finished
+images leave at once and are decoded by the VQ together. Seeds make every image independent of
+who shared its batch (see ``samplers.generate``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from samplers.generate import Decoder, ImageJob, SamplingOptions
+from samplers.pipeline import Pipeline, normalize_mode, to_pil
+
+from .stats import ImageRecord, Stats
+
+log = logging.getLogger("ccaserve.engine")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class RequestCancelled(Exception):
+    pass
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+@dataclass
+class EngineResult:
+    image: Image.Image
+    class_id: int
+    seed: int
+    mode: str
+    options: SamplingOptions
+    tokens: list[int]
+    latency_s: float  # submit -> image ready
+    queue_wait_s: float  # submit -> first decoding step
+    rows_x_steps: int
+
+
+@dataclass(eq=False)
+class Request:
+    class_id: int
+    mode: str
+    seed: int
+    options: SamplingOptions
+    submitted: float = field(default_factory=time.perf_counter)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    job: ImageJob | None = None
+    started: float | None = None
+    cancelled: bool = False
+
+    @property
+    def rows(self) -> int:
+        return 1 + self.options.guided
+
+
+def _settle(future: concurrent.futures.Future, result: object = None, error: BaseException | None = None) -> None:
+    """Resolve a future unless its client already gave up on it (then it is cancelled or done)."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:  # cancelled concurrently by the waiting side
+        pass
+
+
+class Engine:
+    """Continuous batching over a Pipeline's base and CCA models.
+
+    ``max_rows``: rows per model per step (the KV cache size); ``max_queue``: requests waiting
+    beyond that get QueueFull (HTTP 503); ``request_timeout_s``: a request not done by then fails.
+    """
+
+    def __init__(self, pipeline: Pipeline, max_rows: int = 64, max_queue: int = 256,
+                 request_timeout_s: float = 300.0, stats: Stats | None = None):
+        if max_rows < 2:
+            raise ValueError("max_rows must be at least 2 (a guided image takes two rows)")
+        self.pipeline = pipeline
+        self.max_rows, self.max_queue, self.request_timeout_s = max_rows, max_queue, request_timeout_s
+        self.stats = stats or Stats(pipeline.modes)
+        self.decoders: dict[str, Decoder] = {"base": Decoder(pipeline.gpt, max_rows)}
+        if pipeline.cca_gpt is not None:
+            self.decoders["cca"] = Decoder(pipeline.cca_gpt, max_rows)
+        self._pending: deque[Request] = deque()
+        self._running: dict[str, list[Request]] = {k: [] for k in self.decoders}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._images_done = 0
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{pipeline.name}", daemon=True)
+        self._thread.start()
+
+    # ---- client side ------------------------------------------------------------------------
+    def submit(self, class_id: int, mode: str, seed: int, options: SamplingOptions) -> Request:
+        """Queue one image; returns a Request whose ``future`` resolves to an EngineResult.
+        Raises ValueError for bad input and QueueFull when the queue is at its bound."""
+        return self.submit_many([(class_id, mode, seed, options)])[0]
+
+    def submit_many(self, items: list[tuple[int, str, int, SamplingOptions]]) -> list[Request]:
+        """Queue several images all-or-nothing (a grid, a comparison): either all fit the queue or
+        QueueFull is raised and none is queued."""
+        reqs = []
+        for class_id, mode, seed, options in items:
+            mode = normalize_mode(mode)
+            self.pipeline.model_for(mode)  # raises for cca modes without a CCA model
+            self.pipeline.validate_class(class_id)
+            reqs.append(Request(int(class_id), mode, int(seed), options))
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the engine is stopped")
+            if len(self._pending) + len(reqs) > self.max_queue:
+                raise QueueFull(self._retry_after())
+            self._pending.extend(reqs)
+            self._cond.notify()
+        for req in reqs:
+            self.stats.request(req.mode)
+        return reqs
+
+    def cancel(self, req: Request) -> None:
+        """Give up on a request (its client went away): it leaves the batch before the next step."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    def generate(self, class_id: int, mode: str, seed: int, options: SamplingOptions,
+                 timeout: float | None = None) -> EngineResult:
+        """Blocking convenience for in-process callers (the UI, benchmarks)."""
+        req = self.submit(class_id, mode, seed, options)
+        try:
+            return req.future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self.cancel(req)
+            raise RequestTimeout(f"no result within {timeout} s") from None
+
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    def rows_in_use(self) -> dict[str, int]:
+        return {k: d.rows_in_use for k, d in self.decoders.items()}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _retry_after(self) -> int:
+        # rough: how long the queue ahead takes at the recent image rate
+        rate = self.stats.snapshot()["overall"]["images_per_s_last_minute"] or 1.0
+        return max(1, min(60, int(len(self._pending) / rate) + 1))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _model_key(self, mode: str) -> str:
+        return "cca" if mode.startswith("cca") else "base"
+
+    def _admit(self) -> None:
+        """FIFO per model: a request that does not fit holds back later ones of the same model,
+        so guided requests are not starved by a stream of single-row ones."""
+        blocked: set[str] = set()
+        keep: deque[Request] = deque()
+        now = time.perf_counter()
+        while self._pending:
+            req = self._pending.popleft()
+            if req.cancelled or req.future.cancelled():
+                _settle(req.future, error=RequestCancelled("cancelled before it started"))
+                continue
+            if now - req.submitted > self.request_timeout_s:
+                _settle(req.future, error=RequestTimeout(f"waited more than {self.request_timeout_s} s in the queue"))
+                continue
+            key = self._model_key(req.mode)
+            decoder = self.decoders[key]
+            if key in blocked or decoder.free_rows() < req.rows:
+                blocked.add(key)
+                keep.append(req)
+                continue
+            req.job = decoder.add(req.class_id, req.seed, req.options, tag=req)
+            req.started = now
+            self._running[key].append(req)
+        self._pending = keep
+
+    def _drop_cancelled(self) -> None:
+        now = time.perf_counter()
+        for key, running in self._running.items():
+            for req in list(running):
+                timed_out = now - req.submitted > self.request_timeout_s
+                gone = req.cancelled or req.future.cancelled()
+                if gone or timed_out:
+                    self.decoders[key].cancel(req.job)
+                    running.remove(req)
+                    _settle(req.future, error=RequestCancelled("cancelled") if gone
+                            else RequestTimeout("request timed out"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._pending and not any(self._running.values()):
+                    self._cond.wait()
+                if self._stop:
+                    break
+            try:
+                with self._cond:
+                    self._drop_cancelled()
+                    self._admit()
+                self._step_all()
+            except Exception as e:  # a failed step fails its requests, never the loop
+                log.exception("engine step failed")
+                self._fail_running(e)
+
+    def _step_all(self) -> None:
+        finished: list[Request] = []
+        for key, decoder in self.decoders.items():
+            if not decoder.jobs:
+                continue
+            self.stats.step(key, decoder.rows_in_use)
+            for job in decoder.step():
+                req: Request = job.tag
+                self._running[key].remove(req)
+                finished.append(req)
+        if finished:
+            self._deliver(finished)
+
+    @torch.inference_mode()
+    def _deliver(self, finished: list[Request]) -> None:
+        pipe = self.pipeline
+        codes = torch.tensor([r.job.tokens for r in finished], device=pipe.vq.device)
+        images = to_pil(pipe.vq.decode_code(codes, pipe.grid))
+        done = time.perf_counter()
+        for req, img in zip(finished, images, strict=True):
+            job = req.job
+            result = EngineResult(img, req.class_id, req.seed, req.mode, req.options, job.tokens,
+                                  done - req.submitted, (req.started or done) - req.submitted, job.rows_x_steps)
+            self.stats.image(ImageRecord(time.time(), req.mode, result.latency_s, result.queue_wait_s,
+                                         job.rows_x_steps, len(job.tokens), req.rows))
+            _settle(req.future, result)
+
+    def _fail_running(self, error: Exception) -> None:
+        with self._cond:
+            for key, running in self._running.items():
+                for req in running:
+                    self.decoders[key].cancel(req.job)
+                    _settle(req.future, error=RuntimeError(f"generation failed: {type(error).__name__}"))
+                running.clear()
