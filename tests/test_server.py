@@ -43,7 +43,8 @@ def _alone(reference, class_id, mode, seed, **opts) -> np.ndarray:
 
 def test_concurrent_mixed_modes_match_seed_alone(live, reference):
     server, engine = live
-    cases = [(c, m, s) for s, (c, m) in enumerate([(c, m) for c in range(3) for m in ("free", "cfg", "cca", "cca+cfg")])]
+    pairs = [(c, m) for c in range(3) for m in ("free", "cfg", "cca", "cca+cfg")]
+    cases = [(c, m, s) for s, (c, m) in enumerate(pairs)]
     cases += [(5, "cfg", 100), (5, "cca", 100), (9, "free", 7), (9, "cca+cfg", 7)] * 2  # duplicates too
 
     def get(case):
@@ -161,7 +162,8 @@ def test_stats_match_what_was_sent(models):
         sent = {"free": 3, "cfg": 2, "cca": 4, "cca+cfg": 1}
         for mode, k in sent.items():
             for i in range(k):
-                assert client.get(f"{server.url}/generate", params={"class": i, "mode": mode, "seed": i}).status_code == 200
+                r = client.get(f"{server.url}/generate", params={"class": i, "mode": mode, "seed": i})
+                assert r.status_code == 200
         client.get(f"{server.url}/generate", params={"class": 99})  # a 422
         stats = client.get(f"{server.url}/stats").json()
     engine.close()
