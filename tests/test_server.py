@@ -220,3 +220,14 @@ def test_engine_in_process_matches_and_cancels(models, reference):
     with pytest.raises(ValueError):
         engine.submit(10, "cfg", 0, opts)
     engine.close()
+
+
+def test_load_generator_is_bounded_and_counts(live):
+    from server.loadgen import load
+
+    server, engine = live
+    before = engine.stats.snapshot()["overall"]["images"]
+    res = load(server.url, concurrency=4, duration_s=1.0, modes=["free", "cca+cfg"], classes=[1, 2]).summary()
+    assert res["wall_s"] < 30 and set(res["statuses"]) == {"200"}
+    assert res["images"] == res["statuses"]["200"] == sum(m["images"] for m in res["modes"].values())
+    assert engine.stats.snapshot()["overall"]["images"] - before == res["images"]
