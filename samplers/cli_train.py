@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ RECIPE: dict[str, Any] = {
     "gpt": {"steps": 1500, "batch_size": 32, "lr": 2e-3},
     "cca": {"lam": 50.0, "beta": 0.02, "uncond_ratio": 0.1, "lr": 1e-4, "epochs": 1.0, "batch_size": 32},
     "sweep_lambdas": [10.0, 50.0, 200.0, 1000.0],
-    "evalnet": {"steps": 800},
+    "evalnet": {"steps": 800, "pool_size": 20000},
+    "evalnet_heldout": 2000,
+    "gpt_config": {},  # overrides of samplers.train.DEFAULT_GPT_CONFIG
 }
 
 
@@ -102,7 +105,9 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     recipe = json.loads(json.dumps(RECIPE))
     if args.quick:  # a smoke run of the whole recipe, for tests
         recipe.update(vq={"steps": 20, "batch_size": 8, "lr": 2e-3}, codes={"num": 400, "data_seed": 0},
-                      gpt={"steps": 10, "batch_size": 16, "lr": 2e-3}, evalnet={"steps": 10}, sweep_lambdas=[10.0])
+                      gpt={"steps": 10, "batch_size": 16, "lr": 2e-3}, evalnet={"steps": 10, "pool_size": 100},
+                      sweep_lambdas=[],
+                      gpt_config={"dim": 64, "n_layer": 2, "n_head": 4}, evalnet_heldout=200)
         recipe["cca"].update(epochs=0.1, batch_size=16)
     times: dict[str, float] = {}
     t = time.time()
@@ -115,24 +120,28 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     codes.save(work / "codes.npz")
     times["codes"] = time.time() - t
     t = time.time()
-    gpt = train_gpt(work / "gpt", codes, {"block_size": codes.seq_len},
+    gpt = train_gpt(work / "gpt", codes, {**recipe["gpt_config"], "block_size": codes.seq_len},
                     GPTTrainArgs(**{k: recipe["gpt"][k] for k in ("steps", "batch_size", "lr")}))
     save_pretrained(_half(gpt), out / "gpt", extra={"train": recipe["gpt"]})
     gpt = gpt.float()
     times["gpt"] = time.time() - t
-    variants = [("cca", lam) for lam in recipe["sweep_lambdas"]] + [("dpo", recipe["cca"]["lam"]),
-                                                                     ("unlearn", recipe["cca"]["lam"])]
+    shipped_lam = recipe["cca"]["lam"]
+    variants = [("cca", lam) for lam in sorted({*recipe["sweep_lambdas"], shipped_lam})]
+    variants += [("dpo", shipped_lam), ("unlearn", shipped_lam)]
     for loss, lam in variants:
         t = time.time()
         cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam})
-        policy = train_cca(work / f"{loss}_lam{lam:g}", gpt, codes, cca_args)
-        if loss == "cca" and lam == recipe["cca"]["lam"]:
-            save_pretrained(_half(policy), out / "cca_gpt", extra={"train": {**recipe["cca"], "loss": "cca"}})
+        policy = _half(train_cca(work / f"{loss}_lam{lam:g}", gpt, codes, cca_args))
+        # every fine-tune is kept in fp16, as shipped, so the sweep scores exactly the shipped weights
+        save_pretrained(policy, work / f"{loss}_lam{lam:g}", extra={"train": asdict(cca_args)})
+        if loss == "cca" and lam == shipped_lam:
+            save_pretrained(policy, out / "cca_gpt", extra={"train": asdict(cca_args)})
         times[f"{loss}_lam{lam:g}"] = time.time() - t
     t = time.time()
-    evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(steps=recipe["evalnet"]["steps"]))
+    evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),
+                           heldout=recipe["evalnet_heldout"])
     times["evalnet"] = time.time() - t
-    (out / "class_names.json").write_text(json.dumps(shapes.class_names()))
+    (out / "class_names.json").write_text(json.dumps(shapes.class_names(), indent=0))
     (work / "train_times.json").write_text(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
     print("training times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return 0
@@ -144,9 +153,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .registry import Registry
 
     pipe = pipeline_from_args(args)
-    entry = Registry().get(args.model)
-    shipped_net = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
-    net_path = Path(args.evalnet) if args.evalnet else shipped_net
+    if args.evalnet:
+        net_path = Path(args.evalnet)
+    else:
+        entry = Registry().get(args.model)
+        net_path = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
     if not (net_path / "config.json").exists():
         raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
     net = evaluate.load_evalnet(net_path)
@@ -166,6 +177,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     real = evaluate.real_data_metrics(net, ref, args.n)
     print(f"real images: fid {real['fid']:.3f} is {real['is']:.2f} acc {real['accuracy']:.3f} "
           f"(the floor at n={args.n})")
+    recon = evaluate.reconstruction_metrics(net, ref, pipe.vq, args.n)
+    print(f"VQ reconstructions of real images: fid {recon['fid']:.3f} is {recon['is']:.2f} "
+          f"acc {recon['accuracy']:.3f} (the tokenizer's ceiling)")
     run("free", "free", "base")
     for s in args.cfg_scales:
         run("cfg", "cfg scale (base)", "base", cfg_scale=s)
@@ -187,6 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         noise.append(e["fid"])
     first_cca = next(e["fid"] for e in entries if e["sweep"] == "cca (shipped)")
     report = {"model": pipe.name, "n": args.n, "n_ref": args.n_ref, "reference_seed": ref.seed, "real": real,
+              "vq_reconstruction": recon,
               "options": opts, "entries": entries,
               "noise": {"what": "fid of mode cca over independent seed sets", **evaluate.noise_estimate(
                   [first_cca, *noise])} if noise else None,
@@ -207,7 +222,9 @@ def _eval_markdown(report: dict[str, Any]) -> str:
              f"`{report['command']}`", "",
              f"{report['n']} class-balanced samples per row; reference: {report['n_ref']} held-out real images "
              f"(seed {report['reference_seed']}). Real held-out images score FID {report['real']['fid']:.3f}, "
-             f"accuracy {report['real']['accuracy']:.3f} at this n (the floor).", ""]
+             f"accuracy {report['real']['accuracy']:.3f} at this n (the floor); their VQ reconstructions score FID "
+             f"{report['vq_reconstruction']['fid']:.3f}, accuracy {report['vq_reconstruction']['accuracy']:.3f} "
+             "(the tokenizer's ceiling for any AR model on its codes).", ""]
     if noise:
         lines += [f"Run-to-run noise ({noise['what']}): mean {noise['mean']}, std {noise['std']} over {noise['runs']} "
                   "seed sets.", ""]

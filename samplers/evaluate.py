@@ -66,9 +66,11 @@ class EvalNetTrainArgs:
     lr: float = 3e-3
     seed: int = 0
     data_seed: int = 2
+    pool_size: int = 20000
 
 
-def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, progress: bool = True) -> EvalNet:
+def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, progress: bool = True,
+                  heldout: int = 2000) -> EvalNet:
     from .train import Schedule, _optimizer, _run, _write_log
 
     args = args or EvalNetTrainArgs()
@@ -77,8 +79,13 @@ def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, pro
     opt = _optimizer(net, args.lr, 1e-4)
     schedule = Schedule(args.steps, args.lr, warmup=20, min_lr_ratio=0.01)
 
+    gen = torch.Generator().manual_seed(args.seed)
+    pool, pool_labels = shapes.make_batch(args.data_seed, range(args.pool_size))  # rendered once
+
     def step_fn(step: int) -> dict[str, float]:
-        images, labels = shapes.make_batch(args.data_seed, range(step * args.batch_size, (step + 1) * args.batch_size))
+        # random picks: consecutive indices would be consecutive classes, one shape per batch
+        idx = torch.randint(0, len(pool), (args.batch_size,), generator=gen)
+        images, labels = pool[idx], pool_labels[idx]
         _, logits = net(images)
         target = attribute_targets(labels)
         loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1))
@@ -88,7 +95,7 @@ def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, pro
     start = time.time()
     history = _run("train evalnet", args.steps, schedule, opt, net, step_fn, progress=progress)
     net.eval()
-    images, labels = shapes.make_batch(REFERENCE_SEED + 1, range(2000))
+    images, labels = shapes.make_batch(REFERENCE_SEED + 1, range(heldout))
     acc = class_accuracy(net, images, labels)
     save_evalnet(net, out_dir, {"train": asdict(args), "heldout_class_accuracy": round(acc, 4)})
     _write_log(Path(out_dir), "evalnet", asdict(args), history, time.time() - start)
@@ -222,6 +229,16 @@ def real_data_metrics(net: EvalNet, ref: Reference, n: int, seed: int = REFERENC
     """The same metrics for held-out real images: the floor FID can reach with n samples."""
     images, labels = shapes.make_batch(seed, range(n))
     return {"mode": "real", "n": n, **sample_metrics(net, ref, images, labels)}
+
+
+@torch.no_grad()
+def reconstruction_metrics(net: EvalNet, ref: Reference, vq: Any, n: int, seed: int = REFERENCE_SEED + 1
+                           ) -> dict[str, Any]:
+    """Held-out real images passed through the VQ tokenizer: the best any AR model on these codes
+    can score (the tokenizer's ceiling)."""
+    images, labels = shapes.make_batch(seed, range(n))
+    recon = torch.cat([vq.decode_code(vq.encode_to_codes(images[i : i + 500])) for i in range(0, n, 500)])
+    return {"mode": "vq reconstruction", "n": n, **sample_metrics(net, ref, recon, labels)}
 
 
 def markdown_table(entries: Sequence[dict[str, Any]]) -> str:

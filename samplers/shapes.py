@@ -184,6 +184,6 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 def make_batch(seed: int, indices: range | list[int], size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [N, 3, H, W] in [-1, 1] and labels [N] for the given dataset indices."""
-    ds = ShapesDataset(max(indices) + 1, seed, size)
+    ds = ShapesDataset(max(indices) + 1, seed, size)  # items are computed on demand, nothing is stored
     items = [ds[i] for i in indices]
     return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items])

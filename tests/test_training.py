@@ -191,3 +191,32 @@ def test_evalnet_class_posterior_is_a_distribution():
     logp = EvalNet.class_log_probs(heads)
     assert feats.shape == (4, 128) and logp.shape == (4, 1000)
     assert torch.allclose(logp.exp().sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_train_all_quick_then_eval(tmp_path):
+    """The whole recipe end to end at smoke-test size: train all, then eval with sweeps."""
+    from samplers.cli import main
+
+    out, work, ev = tmp_path / "out", tmp_path / "work", tmp_path / "eval"
+    assert main(["train", "all", "--quick", "--out", str(out), "--work", str(work)]) == 0
+    for part in ("vq", "gpt", "cca_gpt", "evalnet"):
+        assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
+    assert len(json.loads((out / "class_names.json").read_text())) == 1000
+    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam50", "dpo_lam50", "unlearn_lam50"}
+    assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--vq-ckpt",
+                 str(out / "vq"), "--evalnet", str(out / "evalnet"), "--work", str(work), "--n", "40",
+                 "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2", "--noise-repeats", "1",
+                 "--out", str(ev), "--device", "cpu"]) == 0
+    report = json.loads((ev / "default.json").read_text())
+    settings = [(e["mode"], e["sweep"]) for e in report["entries"]]
+    assert settings == [("free", "free"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
+                        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca)"), ("cca", "dpo"),
+                        ("cca", "unlearn")]
+    # the sweep's lambda=50 model is the shipped one: same samples, same numbers
+    shipped, swept = report["entries"][2], report["entries"][4]
+    assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
+    for e in report["entries"]:
+        assert {"fid", "is", "precision", "recall", "accuracy", "cfg_scale", "n"} <= set(e) and e["n"] == 40
+        assert e["rows_per_image"] == (2 if e["mode"] in ("cfg", "cca+cfg") else 1)
+    assert report["noise"]["runs"] == 2
+    assert (ev / "default.md").read_text().count("\n|") >= 8 and (ev / "default_fid_is.png").stat().st_size > 1000
