@@ -4,7 +4,8 @@
 
 Both samplers run in one process on the same GPT-B weights (random, fp32 on CPU by default),
 alternating, and the best of --repeats runs is kept for each (the machine is noisy). LlamaGen is
-imported from a checkout you provide; nothing of it ships with ccaserve.
+imported from a checkout you provide; nothing of it ships with ccaserve. `ccaserve bench
+--compare-reference PATH` does the same for any registered model.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from samplers import build_gpt  # noqa: E402
+from samplers.bench import llamagen_model, time_llamagen  # noqa: E402
 
 
 def main() -> None:
@@ -31,53 +36,20 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
-    sys.path.insert(0, args.llamagen)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from autoregressive.models.generate import generate as llamagen_generate
-    from autoregressive.models.gpt import GPT_models
-
-    from samplers import build_gpt, generate
-
     torch.manual_seed(0)
     tokens = (args.image_size // 16) ** 2
-    ref = GPT_models[args.gpt_model](vocab_size=16384, block_size=tokens, num_classes=1000, cls_token_num=1,
-                                     model_type="c2i").to(args.device).eval()
-    for p in ref.parameters():
+    gpt = build_gpt(args.gpt_model, block_size=tokens).to(args.device).eval()
+    for p in gpt.parameters():
         torch.nn.init.normal_(p, std=0.02)  # LlamaGen zeroes the output layer; give it weights
-    ours = build_gpt(args.gpt_model, block_size=tokens).to(args.device).eval()
-    ours.load_state_dict(ref.state_dict())
-
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    results = []
+    ref = llamagen_model(gpt, args.llamagen)
     print(f"{args.gpt_model}, {tokens} tokens, fp32 on {args.device}, cfg_scale {args.cfg_scale}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        classes = torch.arange(batch, device=args.device) % 1000
-        times: dict[str, list[float]] = {"llamagen": [], "ccaserve": []}
-        for rep in range(args.repeats):
-            with torch.no_grad():
-                sync()
-                t = time.perf_counter()
-                llamagen_generate(ref, classes, tokens, cfg_scale=args.cfg_scale, temperature=1.0,
-                                  top_k=args.top_k, top_p=1.0, sample_logits=True)
-                sync()
-                times["llamagen"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                generate(ours, classes, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=list(range(batch)))
-                sync()
-                times["ccaserve"].append(time.perf_counter() - t)
-            print(f"  batch {batch} run {rep + 1}: llamagen {times['llamagen'][-1] / batch:.2f} s/img, "
-                  f"ccaserve {times['ccaserve'][-1] / batch:.2f} s/img", flush=True)
-        best = {k: min(v) / batch for k, v in times.items()}
-        speedup = best["llamagen"] / best["ccaserve"]
-        print(f"batch {batch}: best llamagen {best['llamagen']:.2f} s/img, ccaserve {best['ccaserve']:.2f} s/img, "
-              f"speed-up {speedup:.2f}x")
-        results.append({"batch": batch, "llamagen_s_per_image": best["llamagen"],
-                        "ccaserve_s_per_image": best["ccaserve"], "speedup": speedup,
-                        "runs_s": times})
+        r = time_llamagen(ref, gpt, batch, args.cfg_scale, args.top_k, args.repeats)
+        print(f"batch {batch}: best llamagen {r['llamagen_s_per_image']:.2f} s/img, ccaserve "
+              f"{r['ccaserve_s_per_image']:.2f} s/img, speed-up {r['speedup']:.2f}x", flush=True)
+        results.append(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpt_model": args.gpt_model, "tokens": tokens, "device": args.device,

@@ -195,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
+    from .cli_bench import add_bench_command
     from .cli_train import add_train_commands
 
     add_train_commands(sub)
+    add_bench_command(sub)
     return parser
 
 

@@ -1,0 +1,322 @@
+"""Offline latency / throughput / cost benchmark of the four modes, and the device's measured peaks.
+
+For each mode and batch size: warm-up, then ``repeats`` timed runs of the sampler (the same
+``run_decoder`` the CLI, server and UI use) and of the VQ decode. Reported per cell: latency per
+batch (every image of a batch finishes together) as median and spread, images/s, tokens/s,
+rows x steps per image, achieved GFLOP/s and GB/s of the GPT part against the device's measured
+GEMM and memory peaks, peak memory, and cost per 1000 images at a given price per hour.
+
+Where the FLOPs and bytes come from (per decoding step over R rows at context length L):
+  FLOPs  = R * (2 * P_matmul + 4 * n_layer * dim * L)      (weights GEMV/GEMM + attention)
+  bytes  = P_matmul * w + R * 2 * n_layer * kv_dim * L * w  (weights once + the KV cache read)
+with P_matmul the parameters of all linear layers (embeddings are gathered, not multiplied) and
+w the bytes per weight. At batch 1 a step reads all weights for 2 FLOPs per weight: bandwidth
+bound, so CFG's second row is nearly free in time; at large batch the step is compute bound and
+CFG's doubled rows cost twice the time. That is the cost CCA removes.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .generate import run_decoder
+from .gpt import GPT
+from .pipeline import Pipeline, normalize_mode
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Timer:
+    """Wall time on CPU; CUDA events (no host sync in between) on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> Timer:
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self._t
+
+
+def matmul_params(gpt: GPT) -> int:
+    return sum(m.weight.numel() for m in gpt.modules() if isinstance(m, torch.nn.Linear))
+
+
+def decode_work(gpt: GPT, rows_per_step: Sequence[int]) -> tuple[float, float]:
+    """(FLOPs, bytes) of the GPT over decoding steps with the given active rows per step."""
+    c = gpt.config
+    p = matmul_params(gpt)
+    w = next(gpt.parameters()).element_size()
+    kv_dim = c.kv_heads * c.head_dim
+    flops = bytes_ = 0.0
+    for step, rows in enumerate(rows_per_step):
+        ctx = step + 1  # positions attended (class token + tokens so far)
+        flops += rows * (2 * p + 4 * c.n_layer * c.dim * ctx)
+        bytes_ += p * w + rows * 2 * c.n_layer * kv_dim * ctx * w
+    return flops, bytes_
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> dict[str, float]:
+    """Achievable GEMM GFLOP/s (square matmul) and memory GB/s (a large reduction) on this device."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    big = torch.empty(64 * 2**20 if device.type == "cpu" else 1024 * 2**20, device=device, dtype=torch.float32)
+    big.fill_(1.0)
+
+    def best(fn, work: float) -> float:
+        fn()  # warm-up
+        rates, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds or len(rates) < 3:
+            with Timer(device) as t:
+                fn()
+            rates.append(work / t.seconds)
+        return max(rates)
+
+    gemm = best(lambda: a @ b, 2 * n**3) / 1e9
+    mem = best(lambda: big.sum(), big.numel() * 4) / 1e9
+    return {"gemm_gflops": round(gemm, 1), "mem_gbps": round(mem, 1), "gemm_size": n, "dtype": str(dtype)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int = 1,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time one (mode, batch size): GPT decoding and VQ decoding, separately and in total."""
+    mode = normalize_mode(mode)
+    gpt = pipe.model_for(mode)
+    opts = pipe.options_for(mode, **(options or {}))
+    device = gpt.device
+    classes = [i % pipe.num_classes for i in range(batch)]
+    gpt_s, vq_s, rows_log, rxs = [], [], [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for rep in range(warmup + repeats):
+        seeds = [rep * batch + i for i in range(batch)]
+        with Timer(device) as t_gpt:
+            jobs = run_decoder(gpt, classes, seeds, opts, compile=pipe.compile)
+        codes = torch.tensor([j.tokens for j in jobs], device=pipe.vq.device)
+        with Timer(device) as t_vq, torch.inference_mode():
+            pipe.vq.decode_code(codes, pipe.grid)
+        if rep >= warmup:
+            gpt_s.append(t_gpt.seconds)
+            vq_s.append(t_vq.seconds)
+            rxs.append(sum(j.rows_x_steps for j in jobs) / batch)
+    # rows per step of this run: guided images hold two rows while guided
+    tokens = gpt.config.block_size
+    rows_log = [sum(1 + (opts.guided and opts.guides_token(s)) for _ in range(batch)) for s in range(tokens)]
+    # the first step is the class token's prefill; each step's rows match the decoder's
+    flops, bytes_ = decode_work(gpt, rows_log)
+    total = [g + v for g, v in zip(gpt_s, vq_s, strict=True)]
+    med_gpt, med_total = statistics.median(gpt_s), statistics.median(total)
+    return {
+        "mode": mode, "batch": batch, "repeats": repeats, "cfg_scale": opts.cfg_scale,
+        "latency_s": {"median": round(med_total, 5), "min": round(min(total), 5), "max": round(max(total), 5),
+                      "stdev": round(statistics.stdev(total), 5) if len(total) > 1 else 0.0},
+        "gpt_s_median": round(med_gpt, 5), "vq_s_median": round(statistics.median(vq_s), 5),
+        "images_per_s": round(batch / med_total, 3),
+        "tokens_per_s": round(batch * tokens / med_gpt, 1),
+        "rows_x_steps_per_image": rxs[0],
+        "gflop_per_batch": round(flops / 1e9, 3),
+        "achieved_gflops": round(flops / med_gpt / 1e9, 2),
+        "achieved_gbps": round(bytes_ / med_gpt / 1e9, 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    }
+
+
+def run_offline(pipe: Pipeline, modes: Sequence[str], batch_sizes: Sequence[int], repeats: int = 3,
+                warmup: int = 1, usd_per_hour: float = 0.0, peaks: dict[str, float] | None = None,
+                progress: bool = True, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    device = pipe.gpt.device
+    cells: list[dict[str, Any]] = []
+    grid = [(m, b) for b in batch_sizes for m in modes]
+    skipped: list[dict[str, Any]] = []
+    for mode, batch in tqdm(grid, desc="bench", disable=not progress):
+        try:
+            cell = bench_cell(pipe, mode, batch, repeats, warmup, options)
+        except torch.OutOfMemoryError:  # "as far as memory allows"
+            skipped.append({"mode": mode, "batch": batch, "reason": "out of memory"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if peaks:
+            cell["gemm_fraction_of_peak"] = round(cell["achieved_gflops"] / peaks["gemm_gflops"], 4)
+            cell["bandwidth_fraction_of_peak"] = round(cell["achieved_gbps"] / peaks["mem_gbps"], 4)
+        cell["usd_per_1000_images"] = round(usd_per_hour * 1000 / cell["images_per_s"] / 3600, 6)
+        cells.append(cell)
+    ratios = []
+    for batch in batch_sizes:
+        by_mode = {c["mode"]: c for c in cells if c["batch"] == batch}
+        if "cfg" in by_mode and "cca" in by_mode:
+            cfg, cca = by_mode["cfg"], by_mode["cca"]
+            ratios.append({"batch": batch,
+                           "latency_ratio_cfg_over_cca": round(cfg["latency_s"]["median"] / cca["latency_s"]["median"],
+                                                               3),
+                           "gpt_time_ratio_cfg_over_cca": round(cfg["gpt_s_median"] / cca["gpt_s_median"], 3),
+                           "rows_x_steps_ratio": round(cfg["rows_x_steps_per_image"] / cca["rows_x_steps_per_image"],
+                                                       3)})
+    return {"model": pipe.name, "device": describe_device(device), "dtype": str(pipe.gpt.dtype),
+            "tokens_per_image": pipe.gpt.config.block_size, "image_size": pipe.image_size,
+            "gpt_params": sum(p.numel() for p in pipe.gpt.parameters()), "peaks": peaks,
+            "usd_per_hour": usd_per_hour, "cells": cells, "cfg_over_cca": ratios, "skipped": skipped,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": pipe.compile,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        name = "cpu"
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"model `{report['model']}` on {report['device']}, {report['dtype']}, {report['tokens_per_image']} "
+             f"tokens/image, {report['date']}", ""]
+    if report.get("peaks"):
+        pk = report["peaks"]
+        lines += [f"measured peaks: GEMM {pk['gemm_gflops']} GFLOP/s, memory {pk['mem_gbps']} GB/s", ""]
+    lines += ["| mode | batch | latency s (median) | spread s | img/s | tok/s | rows×steps/img | GFLOP/s (% peak) "
+              "| GB/s (% peak) | peak MB | $/1k img |", "|" + "---|" * 11]
+    for c in report["cells"]:
+        g = f"{c['achieved_gflops']}" + (f" ({100 * c['gemm_fraction_of_peak']:.0f}%)" if "gemm_fraction_of_peak" in c
+                                         else "")
+        b = f"{c['achieved_gbps']}" + (f" ({100 * c['bandwidth_fraction_of_peak']:.0f}%)"
+                                       if "bandwidth_fraction_of_peak" in c else "")
+        lat = c["latency_s"]
+        lines.append(f"| {c['mode']} | {c['batch']} | {lat['median']:.4f} | {lat['min']:.4f}–{lat['max']:.4f} | "
+                     f"{c['images_per_s']} | {c['tokens_per_s']} | {c['rows_x_steps_per_image']:g} | {g} | {b} | "
+                     f"{c['peak_memory_mb']} | {c['usd_per_1000_images']:.4g} |")
+    if report["cfg_over_cca"]:
+        lines += ["", "| batch | cfg/cca latency | cfg/cca GPT time | cfg/cca rows×steps |", "|---|---|---|---|"]
+        for r in report["cfg_over_cca"]:
+            lines.append(f"| {r['batch']} | {r['latency_ratio_cfg_over_cca']} | {r['gpt_time_ratio_cfg_over_cca']} | "
+                         f"{r['rows_x_steps_ratio']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], prefix: str) -> list[str]:
+    """Throughput vs batch size per mode, and the cfg/cca ratio vs batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    for mode in dict.fromkeys(c["mode"] for c in report["cells"]):
+        cs = [c for c in report["cells"] if c["mode"] == mode]
+        ax.plot([c["batch"] for c in cs], [c["images_per_s"] for c in cs], "o-", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (images)")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{report['model']}: throughput ({report['device'][:40]})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(f"{prefix}_throughput.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    if report["cfg_over_cca"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+        rs = report["cfg_over_cca"]
+        ax.plot([r["batch"] for r in rs], [r["latency_ratio_cfg_over_cca"] for r in rs], "o-",
+                label="cfg / cca latency")
+        ax.plot([r["batch"] for r in rs], [r["rows_x_steps_ratio"] for r in rs], "--", color="grey",
+                label="cfg / cca rows × steps")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0.5, max(2.3, max(r["latency_ratio_cfg_over_cca"] for r in rs) + 0.2))
+        ax.set_xlabel("batch size (images)")
+        ax.set_ylabel("ratio")
+        ax.set_title("what CCA saves: CFG's cost over CCA's, by batch size", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(f"{prefix}_cost_ratio.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def is_finite_report(report: dict[str, Any]) -> bool:
+    return all(math.isfinite(c["images_per_s"]) for c in report["cells"])
+
+
+# ---- LlamaGen's own generate(), timed on the same weights --------------------------------
+def llamagen_model(gpt: GPT, llamagen_path: str) -> torch.nn.Module:
+    """LlamaGen's Transformer from a user's checkout, with our GPT's config and weights (same keys)."""
+    import sys
+    import warnings
+
+    if llamagen_path not in sys.path:
+        sys.path.insert(0, llamagen_path)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from autoregressive.models.gpt import ModelArgs, Transformer
+    except ImportError as e:
+        raise FileNotFoundError(f"no LlamaGen checkout at {llamagen_path} ({e})") from None
+    c = gpt.config
+    args = ModelArgs(dim=c.dim, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, multiple_of=c.multiple_of,
+                     ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base, norm_eps=c.norm_eps,
+                     num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob, vocab_size=c.vocab_size,
+                     cls_token_num=1, block_size=c.block_size, model_type="c2i")
+    ref = Transformer(args).to(device=gpt.device, dtype=gpt.dtype).eval()
+    result = ref.load_state_dict(gpt.state_dict(), strict=False)
+    if set(result.missing_keys) - {"freqs_cis"} or result.unexpected_keys:
+        raise ValueError(f"LlamaGen's model does not match: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    return ref
+
+
+def time_llamagen(ref: torch.nn.Module, gpt: GPT, batch: int, cfg_scale: float, top_k: int = 0,
+                  repeats: int = 3) -> dict[str, Any]:
+    """Best-of-``repeats`` seconds per image of LlamaGen's generate() and ours, alternating runs."""
+    from autoregressive.models.generate import generate as llamagen_generate
+
+    from .generate import generate
+
+    device = gpt.device
+    classes = torch.arange(batch, device=device) % gpt.config.num_classes
+    times: dict[str, list[float]] = {"llamagen": [], "ccaserve": []}
+    for _ in range(repeats):
+        with torch.no_grad(), Timer(device) as t:
+            llamagen_generate(ref, classes, gpt.config.block_size, cfg_scale=cfg_scale, temperature=1.0,
+                              top_k=top_k, top_p=1.0, sample_logits=True)
+        times["llamagen"].append(t.seconds)
+        with Timer(device) as t:
+            generate(gpt, classes, cfg_scale=cfg_scale, top_k=top_k, seeds=list(range(batch)))
+        times["ccaserve"].append(t.seconds)
+    best = {k: min(v) / batch for k, v in times.items()}
+    return {"batch": batch, "cfg_scale": cfg_scale, "llamagen_s_per_image": round(best["llamagen"], 5),
+            "ccaserve_s_per_image": round(best["ccaserve"], 5),
+            "speedup": round(best["llamagen"] / best["ccaserve"], 3), "runs_s": times}
