@@ -260,8 +260,8 @@ DEFAULT_GPT_CONFIG = {"dim": 192, "n_layer": 6, "n_head": 6, "vocab_size": 512, 
 
 @dataclass
 class GPTTrainArgs:
-    steps: int = 800
-    batch_size: int = 64
+    steps: int = 3500
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
     class_dropout: float = 0.1

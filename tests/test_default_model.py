@@ -1,0 +1,53 @@
+"""The shipped default model (weights/shapes1k) loads and samples in every mode."""
+import json
+
+import torch
+
+from samplers import Pipeline, Registry, shapes
+from samplers.evaluate import load_evalnet
+from samplers.registry import WEIGHTS_DIR
+
+
+def test_registry_default_is_the_shipped_model():
+    reg = Registry()
+    entry = reg.get()
+    assert reg.default == "shapes1k" and entry.available, entry.missing_files()
+    assert entry.class_names == shapes.class_names()
+    assert set(entry.parts) == {"gpt", "cca_gpt", "vq", "evalnet"}
+    size = sum(f.stat().st_size for f in (WEIGHTS_DIR / "shapes1k").rglob("*") if f.is_file())
+    assert size < 20 * 2**20  # a few MB, not gigabytes
+
+
+def test_shipped_weights_sample_every_mode():
+    pipe = Pipeline.from_registry()
+    assert pipe.modes == ["free", "cfg", "cca", "cca+cfg"] and pipe.image_size == 32
+    assert pipe.class_name(207) == "red shaded triangle"
+    results = pipe.compare(207, seed=0)
+    for mode, r in results.items():
+        assert r.image.size == (32, 32) and len(r.tokens) == 64
+        assert r.rows_x_steps == (128 if mode in ("cfg", "cca+cfg") else 64)
+    assert results["free"].tokens != results["cca"].tokens  # different weights
+    # the same seed reproduces the image
+    again = pipe([207], "cca", [0])[0]
+    assert again.tokens == results["cca"].tokens
+
+
+def test_shipped_models_metadata():
+    for part in ("gpt", "cca_gpt"):
+        meta = json.loads((WEIGHTS_DIR / "shapes1k" / part / "config.json").read_text())
+        assert meta["kind"] == "gpt" and meta["config"]["num_classes"] == 1000
+    cca_train = json.loads((WEIGHTS_DIR / "shapes1k" / "cca_gpt" / "config.json").read_text())["train"]
+    assert cca_train["loss"] == "cca" and cca_train["uncond_ratio"] == 0.1
+    vq_meta = json.loads((WEIGHTS_DIR / "shapes1k" / "vq" / "config.json").read_text())
+    assert vq_meta["reconstruction"]["psnr_db"] > 20
+
+
+def test_shipped_evalnet_recognises_real_images():
+    net = load_evalnet(WEIGHTS_DIR / "shapes1k" / "evalnet")
+    images, labels = shapes.make_batch(12345, range(300))
+    from samplers.evaluate import class_accuracy
+
+    assert class_accuracy(net, images, labels) > 0.7
+    with torch.no_grad():
+        feats, _ = net(images[:4])
+    assert feats.shape == (4, 128)
