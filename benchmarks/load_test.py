@@ -27,6 +27,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
+    ap.add_argument("--mixed-duration", type=float, default=None,
+                    help="seconds of the mixed phase (default: --duration)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--classes", default="0-999", help="class ids to draw from, e.g. 0-999 or 1,2,3")
     ap.add_argument("--phases", default="mixed,saturation,batching")
@@ -49,8 +51,8 @@ def main() -> int:
         return s
 
     if "mixed" in phases:
-        res = show(load(args.url, concurrency=args.clients, duration_s=args.duration, modes=modes, classes=classes,
-                        label=f"mixed x{args.clients}"))
+        res = show(load(args.url, concurrency=args.clients, duration_s=args.mixed_duration or args.duration,
+                        modes=modes, classes=classes, label=f"mixed x{args.clients}"))
         bad = {k: v for k, v in res["statuses"].items() if k not in ("200", "503")}
         res["errors_other_than_503"] = sum(bad.values()) + sum(res["transport_errors"].values())
         report["mixed"] = res

@@ -39,8 +39,9 @@ class ModelEntry:
         return "cca_gpt" in self.parts
 
     def missing_files(self) -> list[str]:
-        return [str(self.weights_dir / p["path"]) for p in self.parts.values()
-                if "path" in p and not (self.weights_dir / p["path"]).exists()]
+        """Files of the sampling parts (gpt, cca_gpt, vq) that are absent; the evalnet is only for eval."""
+        return [str(self.weights_dir / p["path"]) for k, p in self.parts.items()
+                if k != "evalnet" and "path" in p and not (self.weights_dir / p["path"]).exists()]
 
     @property
     def available(self) -> bool:

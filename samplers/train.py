@@ -332,8 +332,8 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
         raise ValueError(f"model block_size {ref.config.block_size} != code length {data.seq_len}")
     torch.manual_seed(args.seed)
     ref = ref.eval().requires_grad_(False)
-    policy = copy.deepcopy(ref).train().requires_grad_(True)
-    policy.tok_dropout.p = 0.0  # rewards must compare like with like
+    # eval mode (no dropout) with gradients: the rewards compare the policy with the reference like for like
+    policy = copy.deepcopy(ref).eval().requires_grad_(True)
     opt = _optimizer(policy, args.lr, args.weight_decay)
     steps = int(args.epochs * len(data) // args.batch_size)
     if args.max_steps is not None:
@@ -360,7 +360,7 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
 
     start = time.time()
     history = _run(f"train {args.loss}", steps, schedule, opt, policy, step_fn, progress=progress)
-    policy.eval().requires_grad_(False)
+    policy.requires_grad_(False)
     if out_dir is not None:
         out = Path(out_dir)
         save_pretrained(policy, out, extra={"train": asdict(args)})
