@@ -202,7 +202,7 @@ def test_train_all_quick_then_eval(tmp_path):
     for part in ("vq", "gpt", "cca_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
-    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam50", "dpo_lam50", "unlearn_lam50"}
+    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam10", "dpo_lam10", "unlearn_lam10"}
     assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--vq-ckpt",
                  str(out / "vq"), "--evalnet", str(out / "evalnet"), "--work", str(work), "--n", "40",
                  "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2", "--noise-repeats", "1",
@@ -212,7 +212,7 @@ def test_train_all_quick_then_eval(tmp_path):
     assert settings == [("free", "free"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
                         ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca)"), ("cca", "dpo"),
                         ("cca", "unlearn")]
-    # the sweep's lambda=50 model is the shipped one: same samples, same numbers
+    # the sweep's lambda=10 model is the shipped one: same samples, same numbers
     shipped, swept = report["entries"][2], report["entries"][4]
     assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
     for e in report["entries"]:
