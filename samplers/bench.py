@@ -140,8 +140,8 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
         "tokens_per_s": round(batch * tokens / med_gpt, 1),
         "rows_x_steps_per_image": rxs[0],
         "gflop_per_batch": round(flops / 1e9, 3),
-        "achieved_gflops": round(flops / med_gpt / 1e9, 2),
-        "achieved_gbps": round(bytes_ / med_gpt / 1e9, 2),
+        "achieved_gflops": round(flops / med_gpt / 1e9, 4),
+        "achieved_gbps": round(bytes_ / med_gpt / 1e9, 4),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
 
@@ -164,8 +164,8 @@ def run_offline(pipe: Pipeline, modes: Sequence[str], batch_sizes: Sequence[int]
                 torch.cuda.empty_cache()
             continue
         if peaks:
-            cell["gemm_fraction_of_peak"] = round(cell["achieved_gflops"] / peaks["gemm_gflops"], 4)
-            cell["bandwidth_fraction_of_peak"] = round(cell["achieved_gbps"] / peaks["mem_gbps"], 4)
+            cell["gemm_fraction_of_peak"] = cell["achieved_gflops"] / peaks["gemm_gflops"]
+            cell["bandwidth_fraction_of_peak"] = cell["achieved_gbps"] / peaks["mem_gbps"]
         cell["usd_per_1000_images"] = round(usd_per_hour * 1000 / cell["images_per_s"] / 3600, 6)
         cells.append(cell)
     ratios = []

@@ -193,10 +193,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     entries: list[dict[str, Any]] = []
 
-    def run(mode: str, sweep: str, model_label: str, seed_base: int = 0, **extra: Any) -> dict[str, Any]:
-        e = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, seed_base=seed_base, progress=True, **opts, **extra)
-        e = evaluate.finish_entry(e, sweep=sweep, model=model_label, **{k: v for k, v in extra.items()
-                                                                         if k != "cfg_scale"})
+    def run(mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, **meta: Any) -> dict[str, Any]:
+        scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
+        e = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, progress=True, **opts, **scale)
+        e = evaluate.finish_entry(e, sweep=sweep, model=model_label, **meta)
         print(f"{mode:8s} {e['setting']:10s} fid {e['fid']:8.3f}  is {e['is']:7.2f}  prec {e['precision']:.3f}  "
               f"rec {e['recall']:.3f}  acc {e['accuracy']:.3f}  ({e['sample_seconds']:.0f}s)", flush=True)
         entries.append(e)
