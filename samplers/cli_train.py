@@ -239,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "options": opts, "entries": entries,
               "noise": {"what": "fid of mode cca over independent seed sets", **evaluate.noise_estimate(
                   [first_cca, *noise])} if noise else None,
-              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve eval " + " ".join(args.argv)}
+              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve " + " ".join(args.argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name

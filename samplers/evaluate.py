@@ -296,8 +296,11 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     groups: dict[str, list[dict[str, Any]]] = {}
+    best = min(e["fid"] for e in entries)
+    off_scale = [e for e in entries if e["fid"] > 3 * best]  # a collapsed model would squash the others
     for e in entries:
-        groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
+        if e not in off_scale:
+            groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
     styles = {"cfg scale (base)": ("tab:blue", "o-"), "lambda (cca)": ("tab:red", "s-"),
               "cfg scale (cca+cfg)": ("tab:purple", "^-")}
     for name, group in groups.items():
@@ -312,6 +315,10 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
     ax.set_xlabel("Inception-style score (EvalNet), higher is better")
     ax.set_ylabel("FID (EvalNet features), lower is better")
     ax.set_title("Shapes-1k default model: guidance (CFG) vs guidance-free CCA")
+    if off_scale:
+        ax.text(0.01, 0.01, "off scale: " + "; ".join(f"{e.get('sweep') or e['mode']} FID {e['fid']:.0f}, "
+                                                      f"IS {e['is']:.1f}" for e in off_scale),
+                transform=ax.transAxes, fontsize=7, color="grey")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
