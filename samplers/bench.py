@@ -17,7 +17,6 @@ CFG's doubled rows cost twice the time. That is the cost CCA removes.
 
 from __future__ import annotations
 
-import math
 import resource
 import statistics
 import time
@@ -110,7 +109,7 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
     opts = pipe.options_for(mode, **(options or {}))
     device = gpt.device
     classes = [i % pipe.num_classes for i in range(batch)]
-    gpt_s, vq_s, rows_log, rxs = [], [], [], []
+    gpt_s, vq_s, rxs = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for rep in range(warmup + repeats):
@@ -267,9 +266,6 @@ def plot(report: dict[str, Any], prefix: str) -> list[str]:
         plt.close(fig)
     return paths
 
-
-def is_finite_report(report: dict[str, Any]) -> bool:
-    return all(math.isfinite(c["images_per_s"]) for c in report["cells"])
 
 
 # ---- LlamaGen's own generate(), timed on the same weights --------------------------------

@@ -66,7 +66,8 @@ class CodeData:
         ids = sorted(int(p.stem) for p in code_dir.glob("*.npy"))
         if not ids:
             raise FileNotFoundError(f"{code_dir} holds no .npy files")
-        codes = [np.load(code_dir / f"{i}.npy").reshape(-1, np.load(code_dir / f"{i}.npy").shape[-1])[0] for i in ids]
+        # [1, n_aug, T] or [1, T]: keep the first augmentation of each file
+        codes = [_first_row(np.load(code_dir / f"{i}.npy")) for i in ids]
         labels = [int(np.load(label_dir / f"{i}.npy").reshape(-1)[0]) for i in ids]
         return cls(np.stack(codes), np.asarray(labels))
 
@@ -97,6 +98,10 @@ class CodeData:
                 idx = order[start : start + batch_size]
                 yield self.codes[idx], self.labels[idx]
                 done += 1
+
+
+def _first_row(arr: np.ndarray) -> np.ndarray:
+    return arr.reshape(-1, arr.shape[-1])[0]
 
 
 # ---- shared loop pieces ---------------------------------------------------------------------
