@@ -196,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from .cli_bench import add_bench_command
+    from .cli_fid import add_fid_commands
     from .cli_train import add_train_commands
 
     add_train_commands(sub)
+    add_fid_commands(sub)
     add_bench_command(sub)
     return parser
 

@@ -22,6 +22,7 @@ from .train import (
     CCATrainArgs,
     CodeData,
     GPTTrainArgs,
+    RunSetup,
     VQTrainArgs,
     extract_codes,
     train_cca,
@@ -57,9 +58,11 @@ def cmd_train_gpt(args: argparse.Namespace) -> int:
     data = CodeData.load(args.codes)
     config = {"dim": args.dim, "n_layer": args.n_layer, "n_head": args.n_head, "block_size": data.seq_len,
               "vocab_size": args.vocab_size, "num_classes": args.num_classes}
-    train_gpt(args.out, data, config, GPTTrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                   class_dropout=args.class_dropout, seed=args.seed))
-    print(f"wrote {args.out}")
+    model = train_gpt(args.out, data, config, GPTTrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                           class_dropout=args.class_dropout, seed=args.seed),
+                      setup=_run_setup(args))
+    if model is not None:  # rank 0
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -71,9 +74,29 @@ def _cca_args(args: argparse.Namespace) -> CCATrainArgs:
 def cmd_train_cca(args: argparse.Namespace) -> int:
     ref = load_gpt(args.ref, args.gpt_model, args.image_size)
     data = CodeData.load(args.codes)
-    train_cca(args.out, ref, data, _cca_args(args))
-    print(f"wrote {args.out}")
+    model = train_cca(args.out, ref, data, _cca_args(args), setup=_run_setup(args))
+    if model is not None:  # rank 0
+        print(f"wrote {args.out}")
     return 0
+
+
+def _run_setup(args: argparse.Namespace) -> RunSetup:
+    return RunSetup(grad_accum=args.grad_accum, strategy=args.strategy, precision=args.precision,
+                    ckpt_every=args.ckpt_every, resume=args.resume, device=args.device)
+
+
+def _add_run_setup_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution (one process, or several under torchrun: "
+                             "torchrun --nproc_per_node=N --no-python ccaserve train ...)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per rank per step; --batch-size is the global batch")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP, or FSDP2 (sharded blocks) for models that do not fit one device")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--ckpt-every", type=int, default=0, help="steps between resumable checkpoints (train_state.pt)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt when present")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available, one GPU per rank)")
 
 
 def cmd_train_evalnet(args: argparse.Namespace) -> int:
@@ -308,6 +331,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=RECIPE["gpt"]["lr"])
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    _add_run_setup_args(p)
     p.set_defaults(func=cmd_train_gpt)
 
     p = tsub.add_parser("cca", help="fine-tune a model with CCA (or DPO / unlearning) against a frozen reference")
@@ -325,6 +349,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpt-model", default=None, help="GPT preset of --ref when it is a LlamaGen .pt")
     p.add_argument("--image-size", type=int, default=None)
+    _add_run_setup_args(p)
     p.set_defaults(func=cmd_train_cca)
 
     p = tsub.add_parser("evalnet", help="train the evaluation network on real Shapes-1k images")

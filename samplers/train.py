@@ -8,6 +8,7 @@ code fine-tunes real LlamaGen checkpoints: ``CodeData`` reads LlamaGen's extract
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import shapes
+from . import distributed, shapes
 from .checkpoint import save_pretrained
 from .gpt import GPT, build_gpt
 from .losses import contrastive_pairs, next_token_loss, preference_loss, reward_stats, sequence_logprob
@@ -128,12 +129,14 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
 
 
 def _run(name: str, steps: int, schedule: Schedule, opt: torch.optim.Optimizer, model: torch.nn.Module,
-         step_fn: Callable[[int], dict[str, float]], log_every: int = 10,
-         progress: bool = True) -> list[dict[str, float]]:
-    """The loop every trainer shares: lr schedule, step, grad clip, a bar with smoothed metrics."""
+         step_fn: Callable[[int], dict[str, float]], log_every: int = 10, progress: bool = True,
+         start_step: int = 0, after_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """The loop every trainer shares: lr schedule, step, grad clip, a bar with smoothed metrics.
+    ``after_step(step)`` runs once the optimizer has stepped (checkpoints)."""
     history: list[dict[str, float]] = []
     smooth: dict[str, float] = {}
-    bar = tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start_step, steps), desc=name, disable=not progress, dynamic_ncols=True, initial=start_step,
+               total=steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = schedule(step)
@@ -146,6 +149,8 @@ def _run(name: str, steps: int, schedule: Schedule, opt: torch.optim.Optimizer, 
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "lr": schedule(step), **metrics})
             bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()})
+        if after_step is not None:
+            after_step(step)
     return history
 
 
@@ -256,6 +261,115 @@ def extract_codes(vq: VQModel, num_images: int, data_seed: int = 0, batch_size: 
     return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
 
+# ---- how a GPT run is executed: one process or many (torchrun), accumulation, checkpoints ------
+@dataclass
+class RunSetup:
+    """How a GPT training run is executed, not what it learns. The global batch (``batch_size``)
+    is cut into ``world_size x grad_accum`` micro-batches, in order, rank r taking the r-th group of
+    ``grad_accum``; so 2 ranks x 1 and 1 rank x 2 see the same micro-batches and compute the same
+    step (up to float summation order)."""
+
+    grad_accum: int = 1
+    strategy: str = "ddp"  # or "fsdp" (FSDP2: every transformer block sharded) for models that do not fit
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
+    ckpt_every: int = 0  # steps between resumable checkpoints (train_state.pt in the output folder); 0: none
+    resume: bool = False  # continue from train_state.pt when it exists
+    device: str | None = None  # None: CUDA (one GPU per rank) when available, else CPU
+
+
+def _autocast(env: distributed.DistEnv, precision: str) -> contextlib.AbstractContextManager:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and env.device.type == "cuda")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+Micro = tuple[torch.Tensor, ...]
+
+
+def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, steps: int, lr: float,
+         weight_decay: float, schedule: Schedule, setup: RunSetup, args: dict[str, Any], out_dir: Path | None,
+         generators: list[torch.Generator], split: Callable[[torch.Tensor, torch.Tensor, int], list[Micro]],
+         loss_fn: Callable[[torch.nn.Module, Micro], tuple[torch.Tensor, dict[str, float]]],
+         progress: bool, prepare: Callable[[distributed.DistEnv], None] | None = None) -> GPT | None:
+    """The training run shared by ``train_gpt`` and ``train_cca``, on one process or under torchrun.
+
+    ``split(codes, labels, k)`` cuts a global batch into k micro-batches, making every random draw
+    (class dropout, unconditional rows) for all of them in order, on every rank, so the random
+    stream does not depend on the world size. ``loss_fn(model, micro)`` gives (loss, metrics).
+    Returns the trained model (fp32, unwrapped) on rank 0 and None on the other ranks.
+    """
+    env = distributed.init(setup.device)
+    if setup.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {setup.grad_accum}")
+    parts = env.world_size * setup.grad_accum
+    if batch_size % parts:
+        raise ValueError(f"batch size {batch_size} does not split into {env.world_size} ranks x "
+                         f"{setup.grad_accum} micro-batches")
+    if prepare is not None:
+        prepare(env)
+    config = policy.config
+    model = distributed.wrap(policy, env, setup.strategy)
+    opt = _optimizer(model, lr, weight_decay)
+    state_path = out_dir / "train_state.pt" if out_dir is not None else None
+    start_step = 0
+    if setup.resume and state_path is not None and state_path.exists():
+        state = distributed.load_train_state(state_path, model, opt)
+        if state["args"] != args:
+            diff = {k: (state["args"].get(k), v) for k, v in args.items() if state["args"].get(k) != v}
+            raise ValueError(f"{state_path} was written with other settings (saved, now): {diff}")
+        start_step = int(state["step"])
+        for gen, gen_state in zip(generators, state["rng"], strict=True):
+            gen.set_state(gen_state)
+        if env.is_main:
+            print(f"resuming {name} at step {start_step} of {steps} from {state_path}")
+    batches = data.batches(batch_size, seed)
+    for _ in range(start_step):  # the data order is a function of the seed: skip what was seen
+        next(batches)
+    mine = slice(env.rank * setup.grad_accum, (env.rank + 1) * setup.grad_accum)
+
+    def step_fn(step: int) -> dict[str, float]:
+        codes, labels = next(batches)
+        micro = split(codes, labels, parts)[mine]
+        logged: list[dict[str, float]] = []
+        for i, mb in enumerate(micro):
+            with distributed.grad_sync(model, enabled=i == len(micro) - 1), _autocast(env, setup.precision):
+                loss, metrics = loss_fn(model, tuple(t.to(env.device) for t in mb))
+                (loss / setup.grad_accum).backward()
+            logged.append({"loss": loss.item(), **metrics})
+        local = {k: _nanmean([m[k] for m in logged]) for k in logged[0]}
+        return distributed.mean_metrics(env, local)
+
+    def after_step(step: int) -> None:
+        done = step + 1
+        if state_path is not None and setup.ckpt_every and done % setup.ckpt_every == 0 and done < steps:
+            distributed.save_train_state(state_path, env, model, opt, {
+                "step": done, "args": args, "rng": [g.get_state() for g in generators]})
+
+    start = time.time()
+    history = _run(name, steps, schedule, opt, model, step_fn, progress=progress and env.is_main,
+                   start_step=start_step, after_step=after_step)
+    full = distributed.full_model_state(model)
+    trained = None
+    if env.is_main:
+        trained = build_gpt(config)
+        trained.load_state_dict(full)
+        trained.eval().requires_grad_(False)
+        if out_dir is not None:
+            save_pretrained(trained, out_dir, extra={"train": args})
+            _write_log(out_dir, name.removeprefix("train "), {**args, "world_size": env.world_size, **asdict(setup)},
+                       history, time.time() - start)
+            if state_path is not None and state_path.exists():
+                state_path.unlink()  # finished: the model is in model.safetensors
+    distributed.barrier(env)
+    return trained
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
 # ---- base AR model ------------------------------------------------------------------------
 DEFAULT_GPT_CONFIG = {"dim": 192, "n_layer": 6, "n_head": 6, "vocab_size": 512, "num_classes": 1000,
                       "block_size": 64, "multiple_of": 64, "class_dropout_prob": 0.1,
@@ -266,17 +380,18 @@ DEFAULT_GPT_CONFIG = {"dim": 192, "n_layer": 6, "n_head": 6, "vocab_size": 512, 
 @dataclass
 class GPTTrainArgs:
     steps: int = 3500
-    batch_size: int = 32
+    batch_size: int = 32  # global: over all ranks and accumulation steps
     lr: float = 2e-3
     weight_decay: float = 0.05
     class_dropout: float = 0.1
     seed: int = 0
 
 
-def train_gpt(out_dir: str | Path, data: CodeData, config: dict[str, Any] | None = None,
-              args: GPTTrainArgs | None = None, progress: bool = True) -> GPT:
+def train_gpt(out_dir: str | Path | None, data: CodeData, config: dict[str, Any] | None = None,
+              args: GPTTrainArgs | None = None, progress: bool = True, setup: RunSetup | None = None) -> GPT | None:
     """Next-token training with class dropout: a share ``class_dropout`` of rows gets the null
-    class, which is what makes classifier-free guidance possible later."""
+    class, which is what makes classifier-free guidance possible later. Runs under torchrun
+    (see ``RunSetup``); returns the model on rank 0, None elsewhere."""
     args = args or GPTTrainArgs()
     torch.manual_seed(args.seed)
     config = {**DEFAULT_GPT_CONFIG, **(config or {})}
@@ -286,25 +401,21 @@ def train_gpt(out_dir: str | Path, data: CodeData, config: dict[str, Any] | None
     gpt.init_weights()
     gpt.train()
     null = gpt.config.null_class
-    opt = _optimizer(gpt, args.lr, args.weight_decay)
-    schedule = Schedule(args.steps, args.lr, warmup=max(1, args.steps // 20))
-    batches = data.batches(args.batch_size, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
 
-    def step_fn(step: int) -> dict[str, float]:
-        codes, labels = next(batches)
+    def split(codes: torch.Tensor, labels: torch.Tensor, parts: int) -> list[Micro]:
         drop = torch.rand(labels.shape, generator=gen) < args.class_dropout
-        loss = next_token_loss(gpt, torch.where(drop, torch.full_like(labels, null), labels), codes)
-        loss.backward()
-        return {"loss": loss.item()}
+        cond = torch.where(drop, torch.full_like(labels, null), labels)
+        return list(zip(codes.chunk(parts), cond.chunk(parts), strict=True))
 
-    start = time.time()
-    history = _run("train gpt", args.steps, schedule, opt, gpt, step_fn, progress=progress)
-    gpt.eval()
-    out = Path(out_dir)
-    save_pretrained(gpt, out, extra={"train": asdict(args)})
-    _write_log(out, "gpt", asdict(args), history, time.time() - start)
-    return gpt
+    def loss_fn(model: torch.nn.Module, micro: Micro) -> tuple[torch.Tensor, dict[str, float]]:
+        codes, cond = micro
+        return next_token_loss(model, cond, codes), {}
+
+    return _fit("train gpt", gpt, data, batch_size=args.batch_size, seed=args.seed, steps=args.steps, lr=args.lr,
+                weight_decay=args.weight_decay, schedule=Schedule(args.steps, args.lr, warmup=max(1, args.steps // 20)),
+                setup=setup or RunSetup(), args=asdict(args), out_dir=None if out_dir is None else Path(out_dir),
+                generators=[gen], split=split, loss_fn=loss_fn, progress=progress)
 
 
 # ---- CCA / DPO / unlearning fine-tuning --------------------------------------------------
@@ -316,58 +427,62 @@ class CCATrainArgs:
     uncond_ratio: float = 0.1
     lr: float = 1e-4
     epochs: float = 1.0
-    batch_size: int = 64
+    batch_size: int = 64  # global: over all ranks and accumulation steps
     weight_decay: float = 0.0
     seed: int = 0
     max_steps: int | None = None
 
 
 def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATrainArgs | None = None,
-              progress: bool = True) -> GPT:
+              progress: bool = True, setup: RunSetup | None = None) -> GPT | None:
     """Fine-tune a copy of ``ref`` with a preference loss; ``ref`` stays frozen as the reference.
 
-    Per batch: positives (x, c), negatives (x, roll(c)), and a share of rows made unconditional on
-    both sides. One forward of the trained model and one of the reference over the 2B rows give
-    the implicit rewards r = log p_theta - log p_ref summed over each image's tokens.
+    Per micro-batch: positives (x, c), negatives (x, roll(c)) rolled within the micro-batch (as the
+    public code does per rank), and a share of rows made unconditional on both sides. One forward
+    of the trained model and one of the reference over the 2B rows give the implicit rewards
+    r = log p_theta - log p_ref summed over each image's tokens. Runs under torchrun (see
+    ``RunSetup``); returns the model on rank 0, None elsewhere.
     """
     args = args or CCATrainArgs()
+    setup = setup or RunSetup()
     if not ref.config.has_null_class:
         raise ValueError("CCA needs a model trained with class dropout (a null-class row in the label table)")
     if ref.config.block_size != data.seq_len:
         raise ValueError(f"model block_size {ref.config.block_size} != code length {data.seq_len}")
     torch.manual_seed(args.seed)
-    ref = ref.eval().requires_grad_(False)
+    ref = ref.float().eval().requires_grad_(False)
     # eval mode (no dropout) with gradients: the rewards compare the policy with the reference like for like
     policy = copy.deepcopy(ref).eval().requires_grad_(True)
-    opt = _optimizer(policy, args.lr, args.weight_decay)
     steps = int(args.epochs * len(data) // args.batch_size)
     if args.max_steps is not None:
         steps = min(steps, args.max_steps)
     if steps < 1:
         raise ValueError(f"{len(data)} images make no batch of {args.batch_size}")
-    schedule = Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0)
-    batches = data.batches(args.batch_size, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    null = ref.config.null_class
+    frozen: dict[str, torch.nn.Module] = {}
 
-    def step_fn(step: int) -> dict[str, float]:
-        codes, labels = next(batches)
-        pairs = contrastive_pairs(labels, ref.config.null_class, args.uncond_ratio, gen)
-        cond = torch.cat([pairs.pos, pairs.neg])
-        both = torch.cat([codes, codes])
+    def prepare(env: distributed.DistEnv) -> None:  # the reference is sharded like the policy under FSDP
+        frozen["ref"] = distributed.wrap(ref, env, "fsdp") if setup.strategy == "fsdp" else ref.to(env.device)
+
+    def split(codes: torch.Tensor, labels: torch.Tensor, parts: int) -> list[Micro]:
+        out = []
+        for c, lab in zip(codes.chunk(parts), labels.chunk(parts), strict=True):
+            pairs = contrastive_pairs(lab, null, args.uncond_ratio, gen)
+            out.append((torch.cat([c, c]), torch.cat([pairs.pos, pairs.neg]), pairs.negative_is_positive))
+        return out
+
+    def loss_fn(model: torch.nn.Module, micro: Micro) -> tuple[torch.Tensor, dict[str, float]]:
+        both, cond, flags = micro
         with torch.no_grad():
-            ref_lp = sequence_logprob(ref, cond, both)
-        gap = sequence_logprob(policy, cond, both) - ref_lp
+            ref_lp = sequence_logprob(frozen["ref"], cond, both)
+        gap = sequence_logprob(model, cond, both).float() - ref_lp.float()
         pos_gap, neg_gap = gap.chunk(2)
-        flags = pairs.negative_is_positive
         loss = preference_loss(args.loss, pos_gap, neg_gap, flags, args.lam, args.beta)
-        loss.backward()
-        return {"loss": loss.item(), **reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)}
+        return loss, reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)
 
-    start = time.time()
-    history = _run(f"train {args.loss}", steps, schedule, opt, policy, step_fn, progress=progress)
-    policy.requires_grad_(False)
-    if out_dir is not None:
-        out = Path(out_dir)
-        save_pretrained(policy, out, extra={"train": asdict(args)})
-        _write_log(out, args.loss, asdict(args), history, time.time() - start)
-    return policy
+    return _fit(f"train {args.loss}", policy, data, batch_size=args.batch_size, seed=args.seed, steps=steps,
+                lr=args.lr, weight_decay=args.weight_decay,
+                schedule=Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0), setup=setup,
+                args=asdict(args), out_dir=None if out_dir is None else Path(out_dir), generators=[gen],
+                split=split, loss_fn=loss_fn, progress=progress, prepare=prepare)
