@@ -130,9 +130,10 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
 
 def _run(name: str, steps: int, schedule: Schedule, opt: torch.optim.Optimizer, model: torch.nn.Module,
          step_fn: Callable[[int], dict[str, float]], log_every: int = 10, progress: bool = True,
-         start_step: int = 0, after_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+         start_step: int = 0, after_step: Callable[[int, dict[str, float]], None] | None = None
+         ) -> list[dict[str, float]]:
     """The loop every trainer shares: lr schedule, step, grad clip, a bar with smoothed metrics.
-    ``after_step(step)`` runs once the optimizer has stepped (checkpoints)."""
+    ``after_step(step, metrics)`` runs once the optimizer has stepped (logs, checkpoints)."""
     history: list[dict[str, float]] = []
     smooth: dict[str, float] = {}
     bar = tqdm(range(start_step, steps), desc=name, disable=not progress, dynamic_ncols=True, initial=start_step,
@@ -150,7 +151,7 @@ def _run(name: str, steps: int, schedule: Schedule, opt: torch.optim.Optimizer, 
             history.append({"step": step, "lr": schedule(step), **metrics})
             bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()})
         if after_step is not None:
-            after_step(step)
+            after_step(step, metrics)
     return history
 
 
@@ -340,8 +341,18 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
         local = {k: _nanmean([m[k] for m in logged]) for k in logged[0]}
         return distributed.mean_metrics(env, local)
 
-    def after_step(step: int) -> None:
+    log_lines = out_dir / "train_log.jsonl" if out_dir is not None and env.is_main else None
+    if log_lines is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in log_lines.read_text().splitlines() if json.loads(line)["step"] < start_step] \
+            if log_lines.exists() else []  # a resumed run redoes the steps after its checkpoint
+        log_lines.write_text("".join(line + "\n" for line in kept))
+
+    def after_step(step: int, metrics: dict[str, float]) -> None:
         done = step + 1
+        if log_lines is not None and (step % 10 == 0 or done == steps):  # readable while a long run goes on
+            with log_lines.open("a") as f:
+                f.write(json.dumps({"step": step, "lr": schedule(step), **metrics}) + "\n")
         if state_path is not None and setup.ckpt_every and done % setup.ckpt_every == 0 and done < steps:
             distributed.save_train_state(state_path, env, model, opt, {
                 "step": done, "args": args, "rng": [g.get_state() for g in generators]})

@@ -184,6 +184,8 @@ def test_training_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch):
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert not (tmp_path / "run" / "train_state.pt").exists()  # finished: the model is the output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [0, 4]  # every 10th step and the last, none twice after the resume
 
 
 def test_fid_command_on_adm_style_batches(tmp_path, capsys):
