@@ -102,8 +102,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int = 1,
-               options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Time one (mode, batch size): GPT decoding and VQ decoding, separately and in total."""
+               options: dict[str, Any] | None = None, vq_decode: bool = True) -> dict[str, Any]:
+    """Time one (mode, batch size): GPT decoding and VQ decoding, separately and in total.
+    ``vq_decode=False`` times the GPT only (latency = token generation), e.g. for a VQ-16 decoder
+    at 256 px on a CPU, where the decode, the same in every mode, would dominate the wall time."""
     mode = normalize_mode(mode)
     gpt = pipe.model_for(mode)
     opts = pipe.options_for(mode, **(options or {}))
@@ -118,7 +120,8 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
             jobs = run_decoder(gpt, classes, seeds, opts, compile=pipe.compile)
         codes = torch.tensor([j.tokens for j in jobs], device=pipe.vq.device)
         with Timer(device) as t_vq, torch.inference_mode():
-            pipe.vq.decode_code(codes, pipe.grid)
+            if vq_decode:
+                pipe.vq.decode_code(codes, pipe.grid)
         if rep >= warmup:
             gpt_s.append(t_gpt.seconds)
             vq_s.append(t_vq.seconds)
@@ -131,7 +134,7 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
     total = [g + v for g, v in zip(gpt_s, vq_s, strict=True)]
     med_gpt, med_total = statistics.median(gpt_s), statistics.median(total)
     return {
-        "mode": mode, "batch": batch, "repeats": repeats, "cfg_scale": opts.cfg_scale,
+        "mode": mode, "batch": batch, "repeats": repeats, "cfg_scale": opts.cfg_scale, "vq_decode": vq_decode,
         "latency_s": {"median": round(med_total, 5), "min": round(min(total), 5), "max": round(max(total), 5),
                       "stdev": round(statistics.stdev(total), 5) if len(total) > 1 else 0.0},
         "gpt_s_median": round(med_gpt, 5), "vq_s_median": round(statistics.median(vq_s), 5),
@@ -147,7 +150,8 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
 
 def run_offline(pipe: Pipeline, modes: Sequence[str], batch_sizes: Sequence[int], repeats: int = 3,
                 warmup: int = 1, usd_per_hour: float = 0.0, peaks: dict[str, float] | None = None,
-                progress: bool = True, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                progress: bool = True, options: dict[str, Any] | None = None, vq_decode: bool = True
+                ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = pipe.gpt.device
@@ -156,7 +160,7 @@ def run_offline(pipe: Pipeline, modes: Sequence[str], batch_sizes: Sequence[int]
     skipped: list[dict[str, Any]] = []
     for mode, batch in tqdm(grid, desc="bench", disable=not progress):
         try:
-            cell = bench_cell(pipe, mode, batch, repeats, warmup, options)
+            cell = bench_cell(pipe, mode, batch, repeats, warmup, options, vq_decode)
         except torch.OutOfMemoryError:  # "as far as memory allows"
             skipped.append({"mode": mode, "batch": batch, "reason": "out of memory"})
             if device.type == "cuda":
@@ -200,6 +204,9 @@ def describe_device(device: torch.device) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"model `{report['model']}` on {report['device']}, {report['dtype']}, {report['tokens_per_image']} "
              f"tokens/image, {report['date']}", ""]
+    if report["cells"] and not report["cells"][0].get("vq_decode", True):
+        lines += ["latency = token generation only (`--no-vq-decode`: the VQ decode, the same in every mode, "
+                  "not run)", ""]
     if report.get("peaks"):
         pk = report["peaks"]
         lines += [f"measured peaks: GEMM {pk['gemm_gflops']} GFLOP/s, memory {pk['mem_gbps']} GB/s", ""]

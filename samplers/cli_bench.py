@@ -30,7 +30,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"device peaks: GEMM {peaks['gemm_gflops']} GFLOP/s, memory {peaks['mem_gbps']} GB/s")
     options = {"cfg_scale": args.cfg_scale, "top_k": args.top_k}
     report = bench.run_offline(pipe, modes, _ints(args.batch_sizes), args.repeats, args.warmup, args.usd_per_hour,
-                               peaks, progress=not args.quiet, options=options)
+                               peaks, progress=not args.quiet, options=options, vq_decode=not args.no_vq_decode)
     report["command"] = "ccaserve " + " ".join(args.argv)
     if args.compare_reference:
         ref = bench.llamagen_model(pipe.gpt, args.compare_reference)
@@ -102,6 +102,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--usd-per-hour", type=float, default=0.0, help="machine price, for $ per 1000 images")
     p.add_argument("--no-peaks", action="store_true", help="skip measuring the device's GEMM / memory peaks")
+    p.add_argument("--no-vq-decode", action="store_true",
+                   help="time token generation only (latency = GPT time); the VQ decode is the same in every mode")
     p.add_argument("--compare-reference", metavar="LLAMAGEN_CHECKOUT",
                    help="also time LlamaGen's own generate() on the same weights")
     p.add_argument("--reference-batch-sizes", default="1,8")
