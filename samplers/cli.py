@@ -29,6 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="registry name from weights/registry.json (default: its default)")
     g.add_argument("--gpt-ckpt", help="base GPT checkpoint (.pt or safetensors dir)")
     g.add_argument("--cca-ckpt", help="CCA fine-tuned GPT checkpoint")
+    g.add_argument("--cca-cfg-ckpt", help="a separate fine-tune for the cca+cfg mode (default: --cca-ckpt)")
     g.add_argument("--vq-ckpt", help="VQ tokenizer checkpoint")
     g.add_argument("--gpt-model", default=None, help="GPT preset (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B); inferred "
                    "from the weights when omitted")
@@ -49,7 +50,7 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
             raise SystemExit("error: real checkpoints need at least --gpt-ckpt and --vq-ckpt")
         pipe = Pipeline.from_checkpoints(args.gpt_ckpt, args.vq_ckpt, args.cca_ckpt, gpt_model=args.gpt_model,
                                          vq_model=args.vq_model, image_size=args.image_size, device=device,
-                                         dtype=dtype)
+                                         dtype=dtype, cca_cfg_ckpt=args.cca_cfg_ckpt)
     else:
         pipe = Pipeline.from_registry(args.model, device=device, dtype=dtype)
     pipe.compile = args.compile

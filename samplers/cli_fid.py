@@ -27,8 +27,8 @@ def cmd_sample_fid(args: argparse.Namespace) -> int:
     args.mode = normalize_mode(args.mode)
     if args.mode not in pipe.modes:
         raise ValueError(f"mode {args.mode!r} is not offered by this model (modes: {pipe.modes})")
-    model = {k: getattr(args, k) for k in ("model", "gpt_ckpt", "cca_ckpt", "vq_ckpt", "gpt_model", "vq_model",
-                                           "image_size", "precision") if getattr(args, k) is not None}
+    model = {k: getattr(args, k) for k in ("model", "gpt_ckpt", "cca_ckpt", "cca_cfg_ckpt", "vq_ckpt", "gpt_model",
+                                           "vq_model", "image_size", "precision") if getattr(args, k) is not None}
     try:
         out = sample_fid(pipe, args.out, mode=args.mode, num_images=args.num_images,
                          batch_size=args.per_proc_batch_size, global_seed=args.global_seed, resize=args.resize,

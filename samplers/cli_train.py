@@ -116,6 +116,9 @@ RECIPE: dict[str, Any] = {
     "cca": {"lam": 10.0, "beta": 0.1, "uncond_ratio": 0.1, "lr": 5e-5, "epochs": 1.0, "batch_size": 32,
             "max_steps": 200},
     "sweep_lambdas": [3.0, 10.0, 30.0],
+    # the model the cca+cfg mode guides: the paper tunes it apart, with lambda 1 and beta 0.1
+    "cca_cfg": {"lam": 1.0, "beta": 0.1, "uncond_ratio": 0.1, "lr": 5e-5, "epochs": 1.0, "batch_size": 32,
+                "max_steps": 200},
     "evalnet": {"steps": 1500, "pool_size": 20000},
     "evalnet_heldout": 2000,
     "gpt_config": {},  # overrides of samplers.train.DEFAULT_GPT_CONFIG
@@ -142,6 +145,7 @@ def cmd_train_all(args: argparse.Namespace) -> int:
                       evalnet={"steps": 10, "pool_size": 100}, sweep_lambdas=[],
                       gpt_config={"dim": 64, "n_layer": 2, "n_head": 4}, evalnet_heldout=200)
         recipe["cca"].update(max_steps=3, batch_size=16)
+        recipe["cca_cfg"].update(max_steps=3, batch_size=16)
     times: dict[str, float] = {}
 
     def stage(name: str, exists: bool) -> bool:
@@ -186,6 +190,12 @@ def cmd_train_all(args: argparse.Namespace) -> int:
         if loss == "cca" and lam == shipped_lam:
             save_pretrained(policy, out / "cca_gpt", extra={"train": asdict(cca_args)})
         done(folder.name)
+    if stage("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
+        cca_args = CCATrainArgs(loss="cca", **recipe["cca_cfg"])
+        policy = _half(train_cca(work / "cca_cfg", gpt, codes, cca_args))
+        save_pretrained(policy, work / "cca_cfg", extra={"train": asdict(cca_args)})
+        save_pretrained(policy, out / "cca_cfg_gpt", extra={"train": asdict(cca_args)})
+        done("cca_cfg")
     if stage("evalnet", (out / "evalnet" / "model.safetensors").exists()):
         evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),
                                heldout=recipe["evalnet_heldout"])
@@ -235,8 +245,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for s in args.cfg_scales:
         run("cfg", "cfg scale (base)", "base", cfg_scale=s)
     run("cca", "cca (shipped)", "cca")
+    cca_cfg_label = "cca_cfg" if pipe.cca_cfg_gpt is not None else "cca"  # its own fine-tune, when shipped
     for s in args.cca_cfg_scales:
-        run("cca+cfg", "cfg scale (cca+cfg)", "cca", cfg_scale=s)
+        run("cca+cfg", "cfg scale (cca+cfg)", cca_cfg_label, cfg_scale=s)
     work = Path(args.work) if args.work else None
     if work is not None and work.exists():
         shipped = pipe.cca_gpt
@@ -358,7 +369,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_evalnet)
 
     p = tsub.add_parser("all", help="retrain the whole default model from scratch (fixed seeds)")
-    p.add_argument("--out", default="weights/shapes1k", help="shipped parts: vq, gpt, cca_gpt, evalnet")
+    p.add_argument("--out", default="weights/shapes1k", help="shipped parts: vq, gpt, cca_gpt, cca_cfg_gpt, evalnet")
     p.add_argument("--work", default="runs/shapes1k", help="codes, fp32 base, the lambda-sweep and baseline models")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the recipe")
     p.add_argument("--resume", action="store_true", help="keep stages whose outputs already exist")

@@ -6,6 +6,10 @@ Modes (rows per image per step in brackets):
   cfg      base weights, classifier-free guidance         [2]
   cca      CCA fine-tuned weights, no guidance            [1]
   cca+cfg  CCA fine-tuned weights with guidance           [2]
+
+``cca+cfg`` uses a separate fine-tune when the model has one (``cca_cfg_gpt``): the CCA paper
+tunes the model it guides with a small lambda (1) and beta 0.1, and the guidance-free one with a
+large lambda; without it ``cca+cfg`` guides ``cca_gpt``.
 """
 
 from __future__ import annotations
@@ -66,13 +70,17 @@ class Pipeline:
 
     def __init__(self, gpt: GPT, vq: VQModel, cca_gpt: GPT | None = None, *, name: str = "custom",
                  class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
-                 compile: bool = False):
-        if cca_gpt is not None and cca_gpt.config.block_size != gpt.config.block_size:
-            raise ValueError("base and CCA models have different token grids")
+                 compile: bool = False, cca_cfg_gpt: GPT | None = None):
+        for tuned in (cca_gpt, cca_cfg_gpt):
+            if tuned is not None and tuned.config.block_size != gpt.config.block_size:
+                raise ValueError("base and CCA models have different token grids")
+        if cca_cfg_gpt is not None and cca_gpt is None:
+            raise ValueError("a cca+cfg model needs the guidance-free CCA model too")
         if gpt.config.vocab_size > vq.config.codebook_size:
             raise ValueError(
                 f"GPT vocabulary {gpt.config.vocab_size} exceeds the VQ codebook {vq.config.codebook_size}")
         self.gpt, self.vq, self.cca_gpt = gpt.eval(), vq.eval(), cca_gpt.eval() if cca_gpt else None
+        self.cca_cfg_gpt = cca_cfg_gpt.eval() if cca_cfg_gpt else None
         self.name = name
         self.num_classes = gpt.config.num_classes
         self.class_names = list(class_names) if class_names else None
@@ -102,6 +110,8 @@ class Pipeline:
         if mode.startswith("cca"):
             if self.cca_gpt is None:
                 raise ValueError(f"mode {mode!r} needs a CCA model; this pipeline has none (modes: {self.modes})")
+            if mode == "cca+cfg" and self.cca_cfg_gpt is not None:
+                return self.cca_cfg_gpt
             return self.cca_gpt
         return self.gpt
 
@@ -178,17 +188,21 @@ class Pipeline:
         entry = Registry().get(name)
         gpt = entry.load_part("gpt", device).to(dtype=dtype)
         cca = entry.load_part("cca_gpt", device).to(dtype=dtype) if entry.has_cca else None
+        cca_cfg = entry.load_part("cca_cfg_gpt", device).to(dtype=dtype) if "cca_cfg_gpt" in entry.parts else None
         return cls(gpt, entry.load_part("vq", device), cca, name=entry.name, class_names=entry.class_names,
-                   default_cfg_scale=entry.default_cfg_scale)
+                   default_cfg_scale=entry.default_cfg_scale, cca_cfg_gpt=cca_cfg)
 
     @classmethod
     def from_checkpoints(cls, gpt_ckpt: str, vq_ckpt: str, cca_ckpt: str | None = None, *,
                          gpt_model: str | None = None, vq_model: str | None = None, image_size: int | None = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0) -> Pipeline:
+                         class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
+                         cca_cfg_ckpt: str | None = None) -> Pipeline:
         from .checkpoint import load_gpt, load_vq
 
         gpt = load_gpt(gpt_ckpt, gpt_model, image_size, device=device, dtype=dtype)
         cca = load_gpt(cca_ckpt, gpt_model, image_size, device=device, dtype=dtype) if cca_ckpt else None
+        cca_cfg = load_gpt(cca_cfg_ckpt, gpt_model, image_size, device=device, dtype=dtype) if cca_cfg_ckpt else None
         vq = load_vq(vq_ckpt, vq_model, device=device)
-        return cls(gpt, vq, cca, name="checkpoints", class_names=class_names, default_cfg_scale=default_cfg_scale)
+        return cls(gpt, vq, cca, name="checkpoints", class_names=class_names, default_cfg_scale=default_cfg_scale,
+                   cca_cfg_gpt=cca_cfg)

@@ -1,6 +1,7 @@
 """Named models, listed in ``weights/registry.json``.
 
-Each entry names its parts: ``gpt`` (base), optional ``cca_gpt`` (the CCA fine-tune) and ``vq``.
+Each entry names its parts: ``gpt`` (base), optional ``cca_gpt`` (the CCA fine-tune), optional
+``cca_cfg_gpt`` (the fine-tune the ``cca+cfg`` mode guides, when it is a separate one) and ``vq``.
 A part is either ``{"path": ..., "preset": ..., "image_size": ...}`` with a path relative to the
 weights directory (a safetensors directory or a LlamaGen ``.pt``), or ``{"random": {"config": ...,
 "seed": N}}`` for random-weight models used in smoke tests and speed benchmarks. Requests name
@@ -39,7 +40,7 @@ class ModelEntry:
         return "cca_gpt" in self.parts
 
     def missing_files(self) -> list[str]:
-        """Files of the sampling parts (gpt, cca_gpt, vq) that are absent; the evalnet is only for eval."""
+        """Files of the sampling parts (gpt, cca_gpt, cca_cfg_gpt, vq) that are absent; the evalnet is only for eval."""
         return [str(self.weights_dir / p["path"]) for k, p in self.parts.items()
                 if k != "evalnet" and "path" in p and not (self.weights_dir / p["path"]).exists()]
 
@@ -72,7 +73,7 @@ class Registry:
         self.default: str | None = data.get("default")
         self.entries: dict[str, ModelEntry] = {}
         for name, e in data.get("models", {}).items():
-            parts = {k: e[k] for k in ("gpt", "cca_gpt", "vq", "evalnet") if e.get(k)}
+            parts = {k: e[k] for k in ("gpt", "cca_gpt", "cca_cfg_gpt", "vq", "evalnet") if e.get(k)}
             names = e.get("class_names")
             if isinstance(names, str):
                 names = json.loads((self.weights_dir / names).read_text())

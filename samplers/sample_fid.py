@@ -106,7 +106,8 @@ def sample_fid(pipe: Pipeline, folder: str | Path, *, mode: str, num_images: int
             images = F.interpolate(images, size=(resize, resize), mode="bicubic", align_corners=False)
         for i, image in zip(chunk, to_pil(images.clamp(-1, 1)), strict=True):
             _write_png(image, folder / f"{i:06d}.png")
-        bar.update(len(chunk) * env.world_size)  # rank 0's view: the ranks advance at about the same pace
+        # rank 0's view: the ranks advance at about the same pace
+        bar.update(min(len(chunk) * env.world_size, bar.total - bar.n))
     bar.close()
     distributed.barrier(env)
     left = missing_indices(folder, num_images)

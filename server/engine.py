@@ -102,6 +102,8 @@ class Engine:
         self.decoders: dict[str, Decoder] = {"base": Decoder(pipeline.gpt, max_rows)}
         if pipeline.cca_gpt is not None:
             self.decoders["cca"] = Decoder(pipeline.cca_gpt, max_rows)
+        if pipeline.cca_cfg_gpt is not None:
+            self.decoders["cca_cfg"] = Decoder(pipeline.cca_cfg_gpt, max_rows)
         self._pending: deque[Request] = deque()
         self._running: dict[str, list[Request]] = {k: [] for k in self.decoders}
         self._cond = threading.Condition()
@@ -171,6 +173,8 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _model_key(self, mode: str) -> str:
+        if mode == "cca+cfg" and "cca_cfg" in self.decoders:
+            return "cca_cfg"
         return "cca" if mode.startswith("cca") else "base"
 
     def _admit(self) -> None:

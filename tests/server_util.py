@@ -19,16 +19,18 @@ from tests.conftest import TINY_VQ, random_gpt  # noqa: E402
 
 def write_tiny_models(folder: Path, block_size: int = 16) -> dict[str, Path]:
     torch.manual_seed(0)
-    paths = {"gpt": folder / "gpt", "cca": folder / "cca", "vq": folder / "vq"}
+    paths = {"gpt": folder / "gpt", "cca": folder / "cca", "cca_cfg": folder / "cca_cfg", "vq": folder / "vq"}
     save_pretrained(random_gpt(0, block_size=block_size), paths["gpt"])
     save_pretrained(random_gpt(1, block_size=block_size), paths["cca"])
+    save_pretrained(random_gpt(2, block_size=block_size), paths["cca_cfg"])  # the model cca+cfg guides
     save_pretrained(build_vq(TINY_VQ), paths["vq"])
     return paths
 
 
 def load_pipeline(paths: dict[str, Path], name: str = "tiny") -> Pipeline:
     pipe = Pipeline.from_checkpoints(str(paths["gpt"]), str(paths["vq"]), str(paths["cca"]),
-                                     class_names=[f"thing {i}" for i in range(10)], default_cfg_scale=3.0)
+                                     cca_cfg_ckpt=str(paths["cca_cfg"]), class_names=[f"thing {i}" for i in range(10)],
+                                     default_cfg_scale=3.0)
     pipe.name = name
     return pipe
 

@@ -13,14 +13,15 @@ def test_registry_default_is_the_shipped_model():
     entry = reg.get()
     assert reg.default == "shapes1k" and entry.available, entry.missing_files()
     assert entry.class_names == shapes.class_names()
-    assert set(entry.parts) == {"gpt", "cca_gpt", "vq", "evalnet"}
+    assert set(entry.parts) == {"gpt", "cca_gpt", "cca_cfg_gpt", "vq", "evalnet"}
     size = sum(f.stat().st_size for f in (WEIGHTS_DIR / "shapes1k").rglob("*") if f.is_file())
-    assert size < 20 * 2**20  # a few MB, not gigabytes
+    assert size < 24 * 2**20  # MBs, not gigabytes
 
 
 def test_shipped_weights_sample_every_mode():
     pipe = Pipeline.from_registry()
     assert pipe.modes == ["free", "cfg", "cca", "cca+cfg"] and pipe.image_size == 32
+    assert pipe.model_for("cca+cfg") is pipe.cca_cfg_gpt is not None
     assert pipe.class_name(207) == "red shaded triangle"
     results = pipe.compare(207, seed=0)
     for mode, r in results.items():
@@ -33,11 +34,13 @@ def test_shipped_weights_sample_every_mode():
 
 
 def test_shipped_models_metadata():
-    for part in ("gpt", "cca_gpt"):
+    for part in ("gpt", "cca_gpt", "cca_cfg_gpt"):
         meta = json.loads((WEIGHTS_DIR / "shapes1k" / part / "config.json").read_text())
         assert meta["kind"] == "gpt" and meta["config"]["num_classes"] == 1000
     cca_train = json.loads((WEIGHTS_DIR / "shapes1k" / "cca_gpt" / "config.json").read_text())["train"]
     assert cca_train["loss"] == "cca" and cca_train["uncond_ratio"] == 0.1
+    cca_cfg_train = json.loads((WEIGHTS_DIR / "shapes1k" / "cca_cfg_gpt" / "config.json").read_text())["train"]
+    assert (cca_cfg_train["lam"], cca_cfg_train["beta"]) == (1.0, 0.1)  # the paper's CCA+CFG setting
     vq_meta = json.loads((WEIGHTS_DIR / "shapes1k" / "vq" / "config.json").read_text())
     assert vq_meta["reconstruction"]["psnr_db"] > 20
 

@@ -33,6 +33,21 @@ def test_four_modes_side_by_side_with_costs(pipe):
     assert results["free"].tokens != results["cfg"].tokens
 
 
+def test_cca_cfg_mode_guides_its_own_fine_tune_when_there_is_one(tiny_vq):
+    from samplers import generate
+
+    base, cca, cca_cfg = random_gpt(0), random_gpt(1), random_gpt(2)
+    pipe = Pipeline(base, tiny_vq, cca, default_cfg_scale=3.0, cca_cfg_gpt=cca_cfg)
+    assert pipe.model_for("cca") is cca and pipe.model_for("cca+cfg") is cca_cfg and pipe.model_for("cfg") is base
+    got = pipe([4], "cca+cfg", [9])[0].tokens
+    assert got == generate(cca_cfg, [4], cfg_scale=3.0, seeds=[9])[0].tolist()
+    assert got != generate(cca, [4], cfg_scale=3.0, seeds=[9])[0].tolist()
+    # without a separate one, cca+cfg guides the CCA model
+    assert Pipeline(base, tiny_vq, cca).model_for("cca+cfg") is cca
+    with pytest.raises(ValueError, match="needs the guidance-free CCA model"):
+        Pipeline(base, tiny_vq, None, cca_cfg_gpt=cca_cfg)
+
+
 def test_pipeline_images_match_generate_and_decode(pipe):
     from samplers import generate
 

@@ -62,6 +62,7 @@ def test_concurrent_mixed_modes_match_seed_alone(live, reference):
     # they really were batched together: more than one image per step on average
     occ = engine.stats.snapshot()["batch_occupancy"]
     assert max(v["mean_rows_per_step"] for v in occ.values()) > 1.5
+    assert set(occ) == {"base", "cca", "cca_cfg"}  # cca+cfg runs on its own fine-tune's decoder
 
 
 def test_post_generate_json_and_grid(live, reference):
@@ -174,7 +175,7 @@ def test_stats_match_what_was_sent(models):
         assert b["latency_s"]["p50"] > 0 and b["images_per_s_since_start"] > 0
     assert stats["overall"]["images"] == sum(sent.values())
     assert stats["errors"] == {"422": 1}
-    assert stats["queue"]["length"] == 0 and stats["rows_in_use"] == {"base": 0, "cca": 0}
+    assert stats["queue"]["length"] == 0 and stats["rows_in_use"] == {"base": 0, "cca": 0, "cca_cfg": 0}
     assert stats["system"]["device"] == "cpu"
 
 
@@ -205,7 +206,7 @@ def test_disconnect_frees_rows(tmp_path):
         deadline = time.time() + 10
         while engine.rows_in_use()["base"] and time.time() < deadline:
             time.sleep(0.05)
-        assert engine.rows_in_use() == {"base": 0, "cca": 0}
+        assert engine.rows_in_use() == {"base": 0, "cca": 0, "cca_cfg": 0}
         stats = httpx.get(f"{server.url}/stats").json()
     engine.close()
     assert stats["modes"]["cfg"]["requests"] == 16 and stats["modes"]["cfg"]["images"] == 0

@@ -199,12 +199,13 @@ def test_train_all_quick_then_eval(tmp_path):
 
     out, work, ev = tmp_path / "out", tmp_path / "work", tmp_path / "eval"
     assert main(["train", "all", "--quick", "--out", str(out), "--work", str(work)]) == 0
-    for part in ("vq", "gpt", "cca_gpt", "evalnet"):
+    for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
     assert {p.name for p in work.glob("*_lam*")} == {"cca_lam10", "dpo_lam10", "unlearn_lam10"}
-    assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--vq-ckpt",
-                 str(out / "vq"), "--evalnet", str(out / "evalnet"), "--work", str(work), "--n", "40",
+    assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--cca-cfg-ckpt",
+                 str(out / "cca_cfg_gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
+                 "--work", str(work), "--n", "40",
                  "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2", "--noise-repeats", "1",
                  "--out", str(ev), "--device", "cpu"]) == 0
     report = json.loads((ev / "default.json").read_text())
@@ -215,6 +216,9 @@ def test_train_all_quick_then_eval(tmp_path):
     # the sweep's lambda=10 model is the shipped one: same samples, same numbers
     shipped, swept = report["entries"][2], report["entries"][4]
     assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
+    assert report["entries"][3]["model"] == "cca_cfg"  # cca+cfg guides its own fine-tune (lambda 1, beta 0.1)
+    cca_cfg_args = json.loads((out / "cca_cfg_gpt" / "config.json").read_text())["train"]
+    assert (cca_cfg_args["lam"], cca_cfg_args["beta"]) == (1.0, 0.1)
     for e in report["entries"]:
         assert {"fid", "is", "precision", "recall", "accuracy", "cfg_scale", "n"} <= set(e) and e["n"] == 40
         assert e["rows_per_image"] == (2 if e["mode"] in ("cfg", "cca+cfg") else 1)
