@@ -198,7 +198,7 @@ def test_train_all_quick_then_eval(tmp_path):
     from samplers.cli import main
 
     out, work, ev = tmp_path / "out", tmp_path / "work", tmp_path / "eval"
-    assert main(["train", "all", "--quick", "--out", str(out), "--work", str(work)]) == 0
+    assert main(["train", "all", "--quick", "--baselines", "--out", str(out), "--work", str(work)]) == 0
     for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
