@@ -215,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

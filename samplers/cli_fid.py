@@ -29,15 +29,11 @@ def cmd_sample_fid(args: argparse.Namespace) -> int:
         raise ValueError(f"mode {args.mode!r} is not offered by this model (modes: {pipe.modes})")
     model = {k: getattr(args, k) for k in ("model", "gpt_ckpt", "cca_ckpt", "cca_cfg_ckpt", "vq_ckpt", "gpt_model",
                                            "vq_model", "image_size", "precision") if getattr(args, k) is not None}
-    try:
-        out = sample_fid(pipe, args.out, mode=args.mode, num_images=args.num_images,
-                         batch_size=args.per_proc_batch_size, global_seed=args.global_seed, resize=args.resize,
-                         pack=not args.no_npz, npz=args.npz, env=env, progress=not args.quiet,
-                         settings={"model": model or {"model": pipe.name}}, cfg_scale=args.cfg_scale,
-                         cfg_interval=args.cfg_interval, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p)
-    finally:
-        distributed.shutdown(env)
+    out = sample_fid(pipe, args.out, mode=args.mode, num_images=args.num_images, batch_size=args.per_proc_batch_size,
+                     global_seed=args.global_seed, resize=args.resize, pack=not args.no_npz, npz=args.npz, env=env,
+                     progress=not args.quiet, settings={"model": model or {"model": pipe.name}},
+                     cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p)
     if env.is_main:
         print(f"{args.num_images} images in {args.out}" + (f", packed to {out}" if out else ""))
     return 0

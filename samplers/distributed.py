@@ -61,12 +61,6 @@ def init(device: str | None = None) -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -115,6 +115,6 @@ def sample_fid(pipe: Pipeline, folder: str | Path, *, mode: str, num_images: int
         raise RuntimeError(f"{len(left)} images missing after sampling (first: {left[:5]})")
     out = None
     if env.is_main and pack:
-        out = pack_npz(folder, num_images, Path(npz) if npz else folder.with_suffix(".npz"), progress)
+        out = pack_npz(folder, num_images, Path(npz) if npz else folder.parent / (folder.name + ".npz"), progress)
     distributed.barrier(env)
     return out
