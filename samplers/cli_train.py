@@ -182,22 +182,22 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     if args.baselines:  # what `ccaserve eval` compares the shipped model with; not shipped
         variants = [("cca", lam) for lam in sorted({*recipe["sweep_lambdas"], shipped_lam})]
         variants += [("dpo", shipped_lam), ("unlearn", shipped_lam)]
+
+    def fine_tune(folder: Path, cca_args: CCATrainArgs, ship_as: Path | None) -> None:
+        policy = _half(train_cca(folder, gpt, codes, cca_args))
+        # every fine-tune is kept in fp16, as shipped, so the sweep scores exactly the shipped weights
+        for dest in (folder, ship_as) if ship_as is not None else (folder,):
+            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+
     for loss, lam in variants:
         folder = work / f"{loss}_lam{lam:g}"
         if not stage(folder.name, _done(folder)):
             continue
-        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam})
-        policy = _half(train_cca(folder, gpt, codes, cca_args))
-        # every fine-tune is kept in fp16, as shipped, so the sweep scores exactly the shipped weights
-        save_pretrained(policy, folder, extra={"train": asdict(cca_args)})
-        if loss == "cca" and lam == shipped_lam:
-            save_pretrained(policy, out / "cca_gpt", extra={"train": asdict(cca_args)})
+        ship_as = out / "cca_gpt" if loss == "cca" and lam == shipped_lam else None
+        fine_tune(folder, CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam}), ship_as)
         done(folder.name)
     if stage("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
-        cca_args = CCATrainArgs(loss="cca", **recipe["cca_cfg"])
-        policy = _half(train_cca(work / "cca_cfg", gpt, codes, cca_args))
-        save_pretrained(policy, work / "cca_cfg", extra={"train": asdict(cca_args)})
-        save_pretrained(policy, out / "cca_cfg_gpt", extra={"train": asdict(cca_args)})
+        fine_tune(work / "cca_cfg", CCATrainArgs(loss="cca", **recipe["cca_cfg"]), out / "cca_cfg_gpt")
         done("cca_cfg")
     if stage("evalnet", (out / "evalnet" / "model.safetensors").exists()):
         evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),

@@ -66,15 +66,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def all_true(env: DistEnv, flag: bool) -> bool:
-    """True on every rank only if ``flag`` is true on every rank (so all ranks raise together)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=env.device)
-    dist.all_reduce(t)
-    return t.item() == 0.0
-
-
 def mean_metrics(env: DistEnv, metrics: dict[str, float]) -> dict[str, float]:
     """Average logged numbers over ranks (NaN on a rank, e.g. no true negatives, is left out)."""
     if not env.distributed or not metrics:
@@ -105,10 +96,6 @@ def wrap(model: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
     for block in getattr(model, "layers", []):
         fully_shard(block)
     return fully_shard(model)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 @contextlib.contextmanager

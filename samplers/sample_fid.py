@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
+from .evaluate import balanced_labels
 from .pipeline import Pipeline, normalize_mode, to_pil
 
 
@@ -31,7 +32,7 @@ def seed_of(global_seed: int, index: int) -> int:
 
 def plan(num_images: int, num_classes: int, global_seed: int) -> tuple[list[int], list[int]]:
     """Class and seed of every index."""
-    return [i % num_classes for i in range(num_images)], [seed_of(global_seed, i) for i in range(num_images)]
+    return balanced_labels(num_images, num_classes), [seed_of(global_seed, i) for i in range(num_images)]
 
 
 def missing_indices(folder: Path, num_images: int) -> list[int]:
