@@ -69,7 +69,8 @@ def cmd_train_gpt(args: argparse.Namespace) -> int:
 
 def _cca_args(args: argparse.Namespace) -> CCATrainArgs:
     return CCATrainArgs(loss=args.loss, lam=args.lam, beta=args.beta, uncond_ratio=args.uncond_ratio, lr=args.lr,
-                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps)
+                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps,
+                        dropout=args.dropout)
 
 
 def cmd_train_cca(args: argparse.Namespace) -> int:
@@ -361,6 +362,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=RECIPE["cca"]["batch_size"])
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", action="store_true",
+                   help="keep the model's dropout on while fine-tuning (policy and reference alike, independent "
+                        "masks), as the paper does for LlamaGen; off by default (the shipped model has none)")
     p.add_argument("--gpt-model", default=None, help="GPT preset of --ref when it is a LlamaGen .pt")
     p.add_argument("--image-size", type=int, default=None)
     _add_run_setup_args(p)

@@ -442,6 +442,7 @@ class CCATrainArgs:
     weight_decay: float = 0.0
     seed: int = 0
     max_steps: int | None = None
+    dropout: bool = False  # the paper keeps the model's dropout on for LlamaGen ("keep_dropout")
 
 
 def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATrainArgs | None = None,
@@ -461,9 +462,11 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
     if ref.config.block_size != data.seq_len:
         raise ValueError(f"model block_size {ref.config.block_size} != code length {data.seq_len}")
     torch.manual_seed(args.seed)
-    ref = ref.float().eval().requires_grad_(False)
-    # eval mode (no dropout) with gradients: the rewards compare the policy with the reference like for like
-    policy = copy.deepcopy(ref).eval().requires_grad_(True)
+    # policy and reference share a mode so that the rewards compare like for like: both without
+    # dropout (default), or both with it (independent masks, as the public code's keep_dropout)
+    caller_mode = ref.training
+    ref = ref.float().train(args.dropout).requires_grad_(False)
+    policy = copy.deepcopy(ref).requires_grad_(True)
     steps = int(args.epochs * len(data) // args.batch_size)
     if args.max_steps is not None:
         steps = min(steps, args.max_steps)
@@ -492,8 +495,11 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
         loss = preference_loss(args.loss, pos_gap, neg_gap, flags, args.lam, args.beta)
         return loss, reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)
 
-    return _fit(f"train {args.loss}", policy, data, batch_size=args.batch_size, seed=args.seed, steps=steps,
-                lr=args.lr, weight_decay=args.weight_decay,
-                schedule=Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0), setup=setup,
-                args=asdict(args), out_dir=None if out_dir is None else Path(out_dir), generators=[gen],
-                split=split, loss_fn=loss_fn, progress=progress, prepare=prepare)
+    try:
+        return _fit(f"train {args.loss}", policy, data, batch_size=args.batch_size, seed=args.seed, steps=steps,
+                    lr=args.lr, weight_decay=args.weight_decay,
+                    schedule=Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0), setup=setup,
+                    args=asdict(args), out_dir=None if out_dir is None else Path(out_dir), generators=[gen],
+                    split=split, loss_fn=loss_fn, progress=progress, prepare=prepare)
+    finally:
+        ref.train(caller_mode)

@@ -1,6 +1,7 @@
 """CCA / DPO / unlearning losses, the trainers, the Shapes-1k dataset and the eval metrics."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,6 +115,23 @@ def test_baseline_losses_train(tmp_path, loss):
     train_cca(tmp_path / loss, ref, _tiny_codes(), args, progress=False)
     log = json.loads((tmp_path / loss / "train_log.json").read_text())["history"]
     assert log[-1]["margin"] > log[0]["margin"]
+
+
+def test_cca_dropout_flag(tmp_path):
+    """--dropout trains with the model's dropout on (policy and reference alike) and leaves the
+    caller's reference in the mode it came in; without it the run is deterministic dropout-free."""
+    data = _tiny_codes(64)
+    args = CCATrainArgs(lam=10.0, beta=0.1, lr=1e-3, batch_size=32, max_steps=2)
+
+    def run(dropout: bool) -> torch.Tensor:
+        ref = random_gpt(0, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
+        policy = train_cca(None, ref, data, replace(args, dropout=dropout), progress=False)
+        assert not ref.training  # the caller's (eval-mode) reference is handed back in eval mode
+        return policy.state_dict()["output.weight"]
+
+    plain = run(False)
+    assert torch.equal(plain, run(False))
+    assert not torch.allclose(plain, run(True))  # dropout changed the gradients
 
 
 def test_cca_needs_null_class():
