@@ -117,7 +117,7 @@ def test_baseline_losses_train(tmp_path, loss):
     assert log[-1]["margin"] > log[0]["margin"]
 
 
-def test_cca_dropout_flag(tmp_path):
+def test_cca_dropout_flag():
     """--dropout trains with the model's dropout on (policy and reference alike) and leaves the
     caller's reference in the mode it came in; without it the run is deterministic dropout-free."""
     data = _tiny_codes(64)
