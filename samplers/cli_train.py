@@ -288,6 +288,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- contrast ------------------------------------------------------------------------------
+def cmd_contrast(args: argparse.Namespace) -> int:
+    from . import contrast
+    from .cli import pipeline_from_args
+
+    pipe = pipeline_from_args(args)
+    tuned = {"cca": pipe.cca_gpt} if pipe.cca_gpt is not None else {}
+    if pipe.cca_cfg_gpt is not None:
+        tuned["cca+cfg model"] = pipe.cca_cfg_gpt
+    for path in args.also:
+        like = next(pipe.gpt.parameters())
+        tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
+    if not tuned:
+        raise ValueError("no fine-tuned model to compare: the model has no cca weights (pass --cca-ckpt or --also)")
+    if args.codes:
+        data = CodeData.load(args.codes)
+        if args.n and args.n < len(data):
+            data = CodeData(data.codes[: args.n].numpy(), data.labels[: args.n].numpy())
+        source = f"codes from {args.codes}"
+    else:
+        data = extract_codes(pipe.vq, args.n, data_seed=contrast.CONTRAST_DATA_SEED, progress=not args.quiet)
+        if data.seq_len != pipe.gpt.config.block_size:
+            raise ValueError(f"this model's VQ turns Shapes-1k images into {data.seq_len} codes, its GPT expects "
+                             f"{pipe.gpt.config.block_size}: pass --codes (a LlamaGen code folder or .npz)")
+        source = f"held-out Shapes-1k images (data seed {contrast.CONTRAST_DATA_SEED}) tokenized by the model's VQ"
+    if int(data.labels.max()) >= pipe.num_classes:
+        raise ValueError(f"--codes has class {int(data.labels.max())}, the model has {pipe.num_classes} classes")
+    gen = torch.Generator().manual_seed(0)
+    negatives = {"rolled (as trained)": contrast.rolled_negatives(data.labels, gen)}
+    if not args.codes:
+        negatives.update(contrast.attribute_negatives(data.labels, gen))
+    report = contrast.reward_contrast(pipe.gpt, tuned, data.codes, data.labels, negatives,
+                                      batch_size=args.batch_size, progress=not args.quiet)
+    print(contrast.markdown_table(report))
+    cfg_line = args.cfg_scale if args.cfg_scale is not None else pipe.default_cfg_scale
+    meta = {"model": pipe.name, "n": len(data), "data": source, "command": "ccaserve " + " ".join(args.argv)}
+    paths = contrast.write_report(report, args.out, args.name, cfg_line, meta)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:
     if a is None or b is None:
         return False
@@ -399,3 +440,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="default", help="output file stem")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("contrast", help="how guidance-like a fine-tune is: its reward contrast vs the base model's "
+                       "class contrast, per kind of negative (effective guidance scale)")
+    p.add_argument("--n", type=int, default=2000, help="real images (Shapes-1k held-out, or the first N of --codes)")
+    p.add_argument("--codes", default=None, help=".npz or LlamaGen code folder (default: tokenize held-out "
+                   "Shapes-1k images, which also adds shape / colour / texture negatives)")
+    p.add_argument("--also", action="append", default=[], help="another fine-tuned GPT dir to compare (repeatable)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="CFG scale drawn as the reference line "
+                   "(default: the model's)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="docs/eval")
+    p.add_argument("--name", default="contrast", help="output file stem")
+    add_model_args(p)
+    p.set_defaults(func=cmd_contrast)

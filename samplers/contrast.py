@@ -1,0 +1,166 @@
+"""How guidance-like is a fine-tuned model? Compare its class contrasts with the base model's.
+
+For real image tokens x of class c and another class c', the base model's *guidance contrast* is
+``dg = log p_ref(x | c) - log p_ref(x | c')`` (summed over the image's tokens), and the fine-tune's
+*reward contrast* is ``dr = r(x, c) - r(x, c')`` with ``r = log p_tuned - log p_ref``, the CCA
+paper's implicit reward. Guidance of scale s viewed at the sequence level, a model proportional
+to ``p(x | c)^s p(x)^(1 - s)``, scales every contrast by s, so ``dr = (s - 1) * dg`` up to a
+per-class normaliser. The least-squares slope of dr on dg (through the origin) therefore reads as
+an *effective guidance scale* ``1 + slope``, and comparing it across kinds of negatives shows
+whether the fine-tune strengthened the whole conditional signal, as CFG does, or only parts of it.
+
+Negatives: the classes CCA trains on (rolled within a shuffled batch) (any model and code set, LlamaGen included), and
+on Shapes-1k classes that differ from the image's own in exactly one attribute (shape, colour or
+texture), which is how the default model's shortfall against CFG was traced to shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import shapes
+from .gpt import GPT
+from .losses import sequence_logprob
+
+CONTRAST_DATA_SEED = 9  # held-out Shapes-1k images (training uses seeds 0..2, evaluation 7 and 8)
+
+
+@torch.no_grad()
+def sequence_logprobs(model: GPT, classes: torch.Tensor, codes: torch.Tensor, batch_size: int = 250,
+                      desc: str | None = None) -> torch.Tensor:
+    """log p(x | c) per row, in batches: [N] fp32."""
+    model = model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(codes), batch_size), desc=desc, disable=desc is None, leave=False):
+        lp = sequence_logprob(model, classes[i:i + batch_size].to(device), codes[i:i + batch_size].to(device))
+        out.append(lp.float().cpu())
+    return torch.cat(out)
+
+
+def rolled_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The classes CCA pairs each image with: the labels rolled by one within a shuffled batch, as in
+    training (a plain roll of a class-ordered set would only ever change the last attribute)."""
+    perm = torch.randperm(len(labels), generator=generator)
+    neg = torch.empty_like(labels)
+    neg[perm] = torch.roll(labels[perm], 1, dims=0)
+    return neg
+
+
+def attribute_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Shapes-1k only: for each image, a class that differs from its own in exactly one attribute."""
+    if int(labels.min()) < 0 or int(labels.max()) >= shapes.NUM_CLASSES:
+        raise ValueError(f"attribute negatives need Shapes-1k class ids in [0, {shapes.NUM_CLASSES - 1}]")
+    attrs = torch.stack([labels // 100, (labels // 10) % 10, labels % 10], dim=1)
+    out = {}
+    for which, name in enumerate(("shape", "colour", "texture")):
+        shift = torch.randint(1, 10, (len(labels),), generator=generator)
+        swapped = attrs.clone()
+        swapped[:, which] = (swapped[:, which] + shift) % 10
+        out[name] = swapped[:, 0] * 100 + swapped[:, 1] * 10 + swapped[:, 2]
+    return out
+
+
+def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, float]:
+    """Summary of one kind of negative: the slope of dr on dg through the origin and what it means."""
+    if dg.shape != dr.shape or dg.ndim != 1 or len(dg) < 2:
+        raise ValueError(f"need two equal 1-d tensors of at least 2 rows, got {tuple(dg.shape)} and {tuple(dr.shape)}")
+    dg, dr = dg.double(), dr.double()
+    slope = float((dg * dr).sum() / (dg * dg).sum().clamp_min(1e-12))
+    corr = float(torch.corrcoef(torch.stack([dg, dr]))[0, 1]) if dr.std() > 0 and dg.std() > 0 else float("nan")
+    return {"n": len(dg), "base_contrast_mean": float(dg.mean()), "base_contrast_median": float(dg.median()),
+            "reward_contrast_mean": float(dr.mean()), "slope": slope, "effective_scale": 1.0 + slope,
+            "corr": corr}
+
+
+def reward_contrast(ref: GPT, tuned: Mapping[str, GPT], codes: torch.Tensor, labels: torch.Tensor,
+                    negatives: Mapping[str, torch.Tensor], batch_size: int = 250,
+                    progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """``{tuned name: {negative kind: contrast_stats}}`` over the rows whose negative differs from the label."""
+    if codes.ndim != 2 or len(codes) != len(labels):
+        raise ValueError(f"expected codes [N, T] and labels [N], got {tuple(codes.shape)} and {tuple(labels.shape)}")
+    for name, neg in negatives.items():
+        if neg.shape != labels.shape:
+            raise ValueError(f"negatives {name!r} have shape {tuple(neg.shape)}, labels {tuple(labels.shape)}")
+
+    def logps(model: GPT, who: str) -> dict[str, torch.Tensor]:
+        return {kind: sequence_logprobs(model, classes, codes, batch_size, f"{who} {kind}" if progress else None)
+                for kind, classes in {"own": labels, **negatives}.items()}
+
+    base = logps(ref, "base")
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    for name, model in tuned.items():
+        lp = logps(model, name)
+        reward = {kind: lp[kind] - base[kind] for kind in lp}
+        report[name] = {}
+        for kind, neg in negatives.items():
+            keep = neg != labels  # a "negative" of the image's own class has no contrast
+            dg = (base["own"] - base[kind])[keep]
+            dr = (reward["own"] - reward[kind])[keep]
+            report[name][kind] = contrast_stats(dg, dr)
+    return report
+
+
+def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    lines = ["| model | negatives | n | base contrast dg (mean / median, nats) | reward contrast dr (mean) | "
+             "slope dr/dg | effective scale | corr |", "|---|---|---|---|---|---|---|---|"]
+    for name, kinds in report.items():
+        for kind, s in kinds.items():
+            dg = f"{s['base_contrast_mean']:.1f} / {s['base_contrast_median']:.1f}"
+            lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {s['slope']:.2f} "
+                         f"| {s['effective_scale']:.2f} | {s['corr']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path,
+                  cfg_scale: float | None = None, title: str = "") -> None:
+    """Grouped bars: effective guidance scale per kind of negative, one bar per fine-tuned model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(next(iter(report.values())))
+    names = list(report)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(kinds))]
+        ys = [report[name][k]["effective_scale"] for k in kinds]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=1)
+    if cfg_scale is not None:
+        ax.axhline(cfg_scale, color="black", linestyle="--", linewidth=1.2,
+                   label=f"CFG s={cfg_scale:g} (scales every contrast alike)")
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_xlabel("negative class: differs from the image's own in ...")
+    ax.set_ylabel("effective guidance scale 1 + slope(dr on dg)")
+    ax.set_title(title or "How guidance-like is the fine-tune, per kind of contrast")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: Mapping[str, Any], out: str | Path, name: str, cfg_scale: float | None,
+                 meta: Mapping[str, Any]) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    paths[0].write_text(json.dumps({**meta, "cfg_scale_line": cfg_scale, "models": report}, indent=1))
+    header = [f"# Reward contrast vs guidance contrast: {meta.get('model', '')}", "",
+              f"`{meta.get('command', '')}`", "",
+              f"{meta.get('n', '')} real images ({meta.get('data', '')}). dg = log p_base(x|c) - log p_base(x|c'), "
+              "dr = r(x,c) - r(x,c') with r = log p_tuned - log p_base. A sequence-level guidance of scale s gives "
+              "dr = (s - 1) dg, so 1 + slope is the scale the fine-tune acts like for that kind of contrast.", ""]
+    paths[1].write_text("\n".join(header + [markdown_table(report), ""]))
+    plot_contrast(report, paths[2], cfg_scale, title=f"{meta.get('model', '')}: effective guidance scale per contrast")
+    return paths

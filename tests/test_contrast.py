@@ -1,0 +1,67 @@
+"""The reward-vs-guidance contrast diagnostic (`ccaserve contrast`)."""
+import json
+
+import pytest
+import torch
+
+from samplers import contrast
+from samplers.cli import main
+from samplers.losses import sequence_logprob
+from tests.conftest import TINY_GPT, random_gpt
+
+
+def test_contrast_stats_reads_a_uniform_tilt_as_its_scale():
+    dg = torch.randn(500, generator=torch.Generator().manual_seed(0)) * 10
+    s = contrast.contrast_stats(dg, 2.0 * dg)  # what a sequence-level guidance of scale 3 would give
+    assert s["slope"] == pytest.approx(2.0) and s["effective_scale"] == pytest.approx(3.0)
+    assert s["corr"] == pytest.approx(1.0)
+    assert contrast.contrast_stats(dg, torch.zeros_like(dg))["effective_scale"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="equal 1-d"):
+        contrast.contrast_stats(dg, dg[:10])
+
+
+def test_negatives_differ_as_named():
+    labels = torch.arange(1000).repeat(2)
+    gen = torch.Generator().manual_seed(0)
+    attrs = torch.stack([labels // 100, (labels // 10) % 10, labels % 10], 1)
+    for which, (name, neg) in enumerate(contrast.attribute_negatives(labels, gen).items()):
+        assert name == ("shape", "colour", "texture")[which]
+        neg_attrs = torch.stack([neg // 100, (neg // 10) % 10, neg % 10], 1)
+        differs = neg_attrs != attrs
+        assert differs[:, which].all() and not differs.sum(1).gt(1).any()
+    rolled = contrast.rolled_negatives(labels, gen)
+    assert sorted(rolled.tolist()) == sorted(labels.tolist())  # a permutation of the batch's own labels
+    # shuffled before rolling: a class-ordered set must not give only last-attribute changes
+    assert ((rolled // 10) != (labels // 10)).float().mean() > 0.5
+    with pytest.raises(ValueError, match="Shapes-1k"):
+        contrast.attribute_negatives(torch.tensor([1000]))
+
+
+def test_reward_contrast_is_the_reward_difference():
+    ref, tuned = random_gpt(0), random_gpt(1)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, TINY_GPT["vocab_size"], (12, TINY_GPT["block_size"]), generator=gen)
+    labels = torch.arange(12) % TINY_GPT["num_classes"]
+    negatives = {"next": (labels + 1) % TINY_GPT["num_classes"]}
+    report = contrast.reward_contrast(ref, {"tuned": tuned, "same": ref}, codes, labels, negatives,
+                                      batch_size=5, progress=False)
+    with torch.no_grad():
+        r_own = sequence_logprob(tuned, labels, codes) - sequence_logprob(ref, labels, codes)
+        r_neg = sequence_logprob(tuned, negatives["next"], codes) - sequence_logprob(ref, negatives["next"], codes)
+        dg = sequence_logprob(ref, labels, codes) - sequence_logprob(ref, negatives["next"], codes)
+    got = report["tuned"]["next"]
+    assert got["reward_contrast_mean"] == pytest.approx(float((r_own - r_neg).mean()), rel=1e-4, abs=1e-4)
+    assert got["base_contrast_mean"] == pytest.approx(float(dg.mean()), rel=1e-4, abs=1e-4)
+    assert report["same"]["next"]["slope"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="negatives 'bad'"):
+        contrast.reward_contrast(ref, {"t": tuned}, codes, labels, {"bad": labels[:3]}, progress=False)
+
+
+def test_contrast_cli_on_the_default_model(tmp_path):
+    assert main(["contrast", "--n", "40", "--out", str(tmp_path), "--name", "c", "--quiet"]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert set(report["models"]) == {"cca", "cca+cfg model"}
+    assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
+    assert report["models"]["cca"]["colour"]["n"] == 40
+    assert (tmp_path / "c.png").stat().st_size > 1000 and "effective scale" in (tmp_path / "c.md").read_text()
+    assert main(["contrast", "--n", "10", "--out", str(tmp_path), "--also", str(tmp_path / "missing")]) == 2
