@@ -300,8 +300,8 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     for path in args.also:
         like = next(pipe.gpt.parameters())
         tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
-    if not tuned:
-        raise ValueError("no fine-tuned model to compare: the model has no cca weights (pass --cca-ckpt or --also)")
+    for scale in args.cfg_scales or [pipe.default_cfg_scale]:
+        tuned[f"cfg s={scale:g}"] = contrast.GuidedGPT(pipe.gpt, scale)
     if args.codes:
         data = CodeData.load(args.codes)
         if args.n and args.n < len(data):
@@ -322,9 +322,8 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     report = contrast.reward_contrast(pipe.gpt, tuned, data.codes, data.labels, negatives,
                                       batch_size=args.batch_size, progress=not args.quiet)
     print(contrast.markdown_table(report))
-    cfg_line = args.cfg_scale if args.cfg_scale is not None else pipe.default_cfg_scale
     meta = {"model": pipe.name, "n": len(data), "data": source, "command": "ccaserve " + " ".join(args.argv)}
-    paths = contrast.write_report(report, args.out, args.name, cfg_line, meta)
+    paths = contrast.write_report(report, args.out, args.name, meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -447,8 +446,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codes", default=None, help=".npz or LlamaGen code folder (default: tokenize held-out "
                    "Shapes-1k images, which also adds shape / colour / texture negatives)")
     p.add_argument("--also", action="append", default=[], help="another fine-tuned GPT dir to compare (repeatable)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="CFG scale drawn as the reference line "
-                   "(default: the model's)")
+    p.add_argument("--cfg-scales", type=_float_list, default=None,
+                   help="CFG scales measured alongside, as the distribution CFG samples from (default: the model's)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="docs/eval")

@@ -7,7 +7,9 @@ paper's implicit reward. Guidance of scale s viewed at the sequence level, a mod
 to ``p(x | c)^s p(x)^(1 - s)``, scales every contrast by s, so ``dr = (s - 1) * dg`` up to a
 per-class normaliser. The least-squares slope of dr on dg (through the origin) therefore reads as
 an *effective guidance scale* ``1 + slope``, and comparing it across kinds of negatives shows
-whether the fine-tune strengthened the whole conditional signal, as CFG does, or only parts of it.
+whether the fine-tune strengthened the whole conditional signal or only parts of it. CFG itself
+guides token by token, not at the sequence level, so it is measured the same way (``GuidedGPT``:
+the distribution CFG samples from, scored like any model) rather than assumed to give s.
 
 Negatives: the classes CCA trains on (rolled within a shuffled batch) (any model and code set, LlamaGen included), and
 on Shapes-1k classes that differ from the image's own in exactly one attribute (shape, colour or
@@ -42,6 +44,22 @@ def sequence_logprobs(model: GPT, classes: torch.Tensor, codes: torch.Tensor, ba
         lp = sequence_logprob(model, classes[i:i + batch_size].to(device), codes[i:i + batch_size].to(device))
         out.append(lp.float().cpu())
     return torch.cat(out)
+
+
+class GuidedGPT(torch.nn.Module):
+    """The distribution CFG samples from, as a model: next-token logits ``u + s * (c - u)`` from the
+    base model's conditional (c) and null-class (u) rows, so its sequence log-probability (and hence
+    its contrasts) can be measured exactly like a fine-tune's."""
+
+    def __init__(self, base: GPT, cfg_scale: float):
+        super().__init__()
+        self.base, self.cfg_scale = base, cfg_scale
+
+    def forward(self, cond: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        null = torch.full_like(cond, self.base.config.num_classes)
+        logits = self.base(torch.cat([cond, null]), torch.cat([idx, idx])).float()
+        cond_logits, uncond_logits = logits.chunk(2)
+        return uncond_logits + self.cfg_scale * (cond_logits - uncond_logits)
 
 
 def rolled_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,7 +137,7 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
 
 
 def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path,
-                  cfg_scale: float | None = None, title: str = "") -> None:
+                  title: str = "") -> None:
     """Grouped bars: effective guidance scale per kind of negative, one bar per fine-tuned model."""
     import matplotlib
 
@@ -136,9 +154,6 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
         bars = ax.bar(xs, ys, width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=1)
-    if cfg_scale is not None:
-        ax.axhline(cfg_scale, color="black", linestyle="--", linewidth=1.2,
-                   label=f"CFG s={cfg_scale:g} (scales every contrast alike)")
     ax.set_xticks(range(len(kinds)), kinds)
     ax.set_xlabel("negative class: differs from the image's own in ...")
     ax.set_ylabel("effective guidance scale 1 + slope(dr on dg)")
@@ -150,17 +165,18 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
     plt.close(fig)
 
 
-def write_report(report: Mapping[str, Any], out: str | Path, name: str, cfg_scale: float | None,
-                 meta: Mapping[str, Any]) -> list[Path]:
+def write_report(report: Mapping[str, Any], out: str | Path, name: str, meta: Mapping[str, Any]) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
-    paths[0].write_text(json.dumps({**meta, "cfg_scale_line": cfg_scale, "models": report}, indent=1))
+    paths[0].write_text(json.dumps({**meta, "models": report}, indent=1))
     header = [f"# Reward contrast vs guidance contrast: {meta.get('model', '')}", "",
               f"`{meta.get('command', '')}`", "",
               f"{meta.get('n', '')} real images ({meta.get('data', '')}). dg = log p_base(x|c) - log p_base(x|c'), "
               "dr = r(x,c) - r(x,c') with r = log p_tuned - log p_base. A sequence-level guidance of scale s gives "
-              "dr = (s - 1) dg, so 1 + slope is the scale the fine-tune acts like for that kind of contrast.", ""]
+              "dr = (s - 1) dg, so 1 + slope is the scale the fine-tune acts like for that kind of contrast. "
+              "`cfg s=...` rows score the distribution CFG samples from (token-level guidance of the base) "
+              "the same way.", ""]
     paths[1].write_text("\n".join(header + [markdown_table(report), ""]))
-    plot_contrast(report, paths[2], cfg_scale, title=f"{meta.get('model', '')}: effective guidance scale per contrast")
+    plot_contrast(report, paths[2], title=f"{meta.get('model', '')}: effective guidance scale per contrast")
     return paths

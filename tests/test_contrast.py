@@ -57,10 +57,27 @@ def test_reward_contrast_is_the_reward_difference():
         contrast.reward_contrast(ref, {"t": tuned}, codes, labels, {"bad": labels[:3]}, progress=False)
 
 
+def test_guided_gpt_is_the_distribution_cfg_samples_from():
+    base = random_gpt(0)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, TINY_GPT["vocab_size"], (4, TINY_GPT["block_size"]), generator=gen)
+    labels = torch.tensor([0, 3, 7, 9])
+    null = torch.full_like(labels, TINY_GPT["num_classes"])
+    with torch.no_grad():
+        cond, uncond = sequence_logprob(base, labels, codes), sequence_logprob(base, null, codes)
+        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 1.0), labels, codes), cond, atol=1e-4)
+        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 0.0), labels, codes), uncond, atol=1e-4)
+        # s = 3 by hand, token by token: softmax of u + 3 (c - u)
+        c_logits, u_logits = base(labels, codes[:, :-1]), base(null, codes[:, :-1])
+        guided = torch.log_softmax(u_logits + 3.0 * (c_logits - u_logits), -1)
+        by_hand = guided.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(1)
+        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 3.0), labels, codes), by_hand, atol=1e-4)
+
+
 def test_contrast_cli_on_the_default_model(tmp_path):
     assert main(["contrast", "--n", "40", "--out", str(tmp_path), "--name", "c", "--quiet"]) == 0
     report = json.loads((tmp_path / "c.json").read_text())
-    assert set(report["models"]) == {"cca", "cca+cfg model"}
+    assert set(report["models"]) == {"cca", "cca+cfg model", "cfg s=3"}
     assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
     assert report["models"]["cca"]["colour"]["n"] == 40
     assert (tmp_path / "c.png").stat().st_size > 1000 and "effective scale" in (tmp_path / "c.md").read_text()
