@@ -158,7 +158,9 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
     ax.set_xlabel("negative class: differs from the image's own in ...")
     ax.set_ylabel("effective guidance scale 1 + slope(dr on dg)")
     ax.set_title(title or "How guidance-like is the fine-tune, per kind of contrast")
-    ax.legend(fontsize=8, loc="upper right")
+    top = max(report[n][k]["effective_scale"] for n in names for k in kinds)
+    ax.set_ylim(0, max(2.0, top) * 1.22)  # headroom for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=min(4, len(names)))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
