@@ -297,8 +297,8 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     tuned = {"cca": pipe.cca_gpt} if pipe.cca_gpt is not None else {}
     if pipe.cca_cfg_gpt is not None:
         tuned["cca+cfg model"] = pipe.cca_cfg_gpt
+    like = next(pipe.gpt.parameters())
     for path in args.also:
-        like = next(pipe.gpt.parameters())
         tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
     for scale in args.cfg_scales or [pipe.default_cfg_scale]:
         tuned[f"cfg s={scale:g}"] = contrast.GuidedGPT(pipe.gpt, scale)

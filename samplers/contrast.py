@@ -11,9 +11,10 @@ whether the fine-tune strengthened the whole conditional signal or only parts of
 guides token by token, not at the sequence level, so it is measured the same way (``GuidedGPT``:
 the distribution CFG samples from, scored like any model) rather than assumed to give s.
 
-Negatives: the classes CCA trains on (rolled within a shuffled batch) (any model and code set, LlamaGen included), and
-on Shapes-1k classes that differ from the image's own in exactly one attribute (shape, colour or
-texture), which is how the default model's shortfall against CFG was traced to shape.
+Negatives: the classes CCA trains on, rolled within a shuffled batch (any model and code set,
+LlamaGen included), and on Shapes-1k classes that differ from the image's own in exactly one
+attribute (shape, colour or texture), which is how the default model's shortfall against CFG was
+traced to shape and texture.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import shapes
+from .evaluate import attribute_targets
 from .gpt import GPT
 from .losses import sequence_logprob
 
@@ -75,13 +77,13 @@ def attribute_negatives(labels: torch.Tensor, generator: torch.Generator | None 
     """Shapes-1k only: for each image, a class that differs from its own in exactly one attribute."""
     if int(labels.min()) < 0 or int(labels.max()) >= shapes.NUM_CLASSES:
         raise ValueError(f"attribute negatives need Shapes-1k class ids in [0, {shapes.NUM_CLASSES - 1}]")
-    attrs = torch.stack([labels // 100, (labels // 10) % 10, labels % 10], dim=1)
+    attrs = attribute_targets(labels)
     out = {}
     for which, name in enumerate(("shape", "colour", "texture")):
         shift = torch.randint(1, 10, (len(labels),), generator=generator)
         swapped = attrs.clone()
         swapped[:, which] = (swapped[:, which] + shift) % 10
-        out[name] = swapped[:, 0] * 100 + swapped[:, 1] * 10 + swapped[:, 2]
+        out[name] = swapped @ torch.tensor([100, 10, 1])
     return out
 
 

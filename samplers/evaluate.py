@@ -228,7 +228,7 @@ def sample_metrics(net: EvalNet, ref: Reference, images: torch.Tensor, labels: t
     m = min(pr_subset, len(feats), len(ref.feats))
     precision, recall = precision_recall(ref.feats[:m].float(), feats[:m].float())
     target = attribute_targets(labels)
-    pred = torch.stack([logp.argmax(1) // 100, (logp.argmax(1) // 10) % 10, logp.argmax(1) % 10], dim=1)
+    pred = attribute_targets(logp.argmax(1))
     return {
         "fid": round(frechet_distance(mu, sigma, ref.mu, ref.sigma), 3),
         "is": round(inception_score(logp), 2),

@@ -6,6 +6,7 @@ import torch
 
 from samplers import contrast
 from samplers.cli import main
+from samplers.evaluate import attribute_targets
 from samplers.losses import sequence_logprob
 from tests.conftest import TINY_GPT, random_gpt
 
@@ -23,11 +24,10 @@ def test_contrast_stats_reads_a_uniform_tilt_as_its_scale():
 def test_negatives_differ_as_named():
     labels = torch.arange(1000).repeat(2)
     gen = torch.Generator().manual_seed(0)
-    attrs = torch.stack([labels // 100, (labels // 10) % 10, labels % 10], 1)
+    attrs = attribute_targets(labels)
     for which, (name, neg) in enumerate(contrast.attribute_negatives(labels, gen).items()):
         assert name == ("shape", "colour", "texture")[which]
-        neg_attrs = torch.stack([neg // 100, (neg // 10) % 10, neg % 10], 1)
-        differs = neg_attrs != attrs
+        differs = attribute_targets(neg) != attrs
         assert differs[:, which].all() and not differs.sum(1).gt(1).any()
     rolled = contrast.rolled_negatives(labels, gen)
     assert sorted(rolled.tolist()) == sorted(labels.tolist())  # a permutation of the batch's own labels
