@@ -300,8 +300,6 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     like = next(pipe.gpt.parameters())
     for path in args.also:
         tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
-    for scale in args.cfg_scales or [pipe.default_cfg_scale]:
-        tuned[f"cfg s={scale:g}"] = contrast.GuidedGPT(pipe.gpt, scale)
     if args.codes:
         data = CodeData.load(args.codes)
         if args.n and args.n < len(data):
@@ -320,6 +318,7 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     if not args.codes:
         negatives.update(contrast.attribute_negatives(data.labels, gen))
     report = contrast.reward_contrast(pipe.gpt, tuned, data.codes, data.labels, negatives,
+                                      cfg_scales=args.cfg_scales or [pipe.default_cfg_scale],
                                       batch_size=args.batch_size, progress=not args.quiet)
     print(contrast.markdown_table(report))
     meta = {"model": pipe.name, "n": len(data), "data": source, "command": "ccaserve " + " ".join(args.argv)}

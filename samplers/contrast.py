@@ -8,8 +8,8 @@ to ``p(x | c)^s p(x)^(1 - s)``, scales every contrast by s, so ``dr = (s - 1) * 
 per-class normaliser. The least-squares slope of dr on dg (through the origin) therefore reads as
 an *effective guidance scale* ``1 + slope``, and comparing it across kinds of negatives shows
 whether the fine-tune strengthened the whole conditional signal or only parts of it. CFG itself
-guides token by token, not at the sequence level, so it is measured the same way (``GuidedGPT``:
-the distribution CFG samples from, scored like any model) rather than assumed to give s.
+guides token by token, not at the sequence level, so it is measured the same way (the distribution
+CFG samples from, scored like any model: ``base_and_guided_logprobs``) rather than assumed to give s.
 
 Negatives: the classes CCA trains on, rolled within a shuffled batch (any model and code set,
 LlamaGen included), and on Shapes-1k classes that differ from the image's own in exactly one
@@ -20,7 +20,7 @@ traced to shape and texture.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,37 @@ def sequence_logprobs(model: GPT, classes: torch.Tensor, codes: torch.Tensor, ba
     return torch.cat(out)
 
 
-class GuidedGPT(torch.nn.Module):
-    """The distribution CFG samples from, as a model: next-token logits ``u + s * (c - u)`` from the
-    base model's conditional (c) and null-class (u) rows, so its sequence log-probability (and hence
-    its contrasts) can be measured exactly like a fine-tune's."""
+def _logprob_of(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(dim=1)
 
-    def __init__(self, base: GPT, cfg_scale: float):
-        super().__init__()
-        self.base, self.cfg_scale = base, cfg_scale
 
-    def forward(self, cond: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        null = torch.full_like(cond, self.base.config.num_classes)
-        logits = self.base(torch.cat([cond, null]), torch.cat([idx, idx])).float()
-        cond_logits, uncond_logits = logits.chunk(2)
-        return uncond_logits + self.cfg_scale * (cond_logits - uncond_logits)
+@torch.no_grad()
+def base_and_guided_logprobs(base: GPT, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
+                             cfg_scales: Sequence[float] = (), batch_size: int = 250, desc: str | None = None,
+                             ) -> tuple[dict[str, torch.Tensor], dict[float, dict[str, torch.Tensor]]]:
+    """``log p_base(x | c)`` for each kind of class, and the log-probability of x under the distribution
+    CFG of scale s samples from (next-token logits ``u + s * (c - u)`` from the base's conditional and
+    null-class rows), for each scale and kind: ``({kind: [N]}, {s: {kind: [N]}})``.
+
+    The null-class pass does not depend on the class and one conditional pass serves every scale, so
+    this costs one forward per kind (plus one if any scale is asked for), not two per kind and scale.
+    """
+    base = base.eval()
+    device = next(base.parameters()).device
+    own: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
+    guided: dict[float, dict[str, list[torch.Tensor]]] = {s: {kind: [] for kind in classes} for s in cfg_scales}
+    for i in tqdm(range(0, len(codes), batch_size), desc=desc, disable=desc is None, leave=False):
+        x = codes[i:i + batch_size].to(device)
+        if cfg_scales:
+            null = torch.full((len(x),), base.config.num_classes, dtype=torch.long, device=device)
+            uncond = base(null, x[:, :-1]).float()
+        for kind, cls in classes.items():
+            cond = base(cls[i:i + batch_size].to(device), x[:, :-1]).float()
+            own[kind].append(_logprob_of(cond, x).cpu())
+            for s in cfg_scales:
+                guided[s][kind].append(_logprob_of(uncond + s * (cond - uncond), x).cpu())
+    return ({kind: torch.cat(v) for kind, v in own.items()},
+            {s: {kind: torch.cat(v) for kind, v in by_kind.items()} for s, by_kind in guided.items()})
 
 
 def rolled_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,23 +117,25 @@ def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, float]:
 
 
 def reward_contrast(ref: GPT, tuned: Mapping[str, GPT], codes: torch.Tensor, labels: torch.Tensor,
-                    negatives: Mapping[str, torch.Tensor], batch_size: int = 250,
+                    negatives: Mapping[str, torch.Tensor], cfg_scales: Sequence[float] = (), batch_size: int = 250,
                     progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """``{tuned name: {negative kind: contrast_stats}}`` over the rows whose negative differs from the label."""
+    """``{model name: {negative kind: contrast_stats}}`` over the rows whose negative differs from the
+    label: one entry per fine-tuned model, then one ``cfg s=...`` entry per CFG scale (the distribution
+    CFG samples from, scored like a fine-tune)."""
     if codes.ndim != 2 or len(codes) != len(labels):
         raise ValueError(f"expected codes [N, T] and labels [N], got {tuple(codes.shape)} and {tuple(labels.shape)}")
     for name, neg in negatives.items():
         if neg.shape != labels.shape:
             raise ValueError(f"negatives {name!r} have shape {tuple(neg.shape)}, labels {tuple(labels.shape)}")
+    classes = {"own": labels, **negatives}
+    base, guided = base_and_guided_logprobs(ref, codes, classes, cfg_scales, batch_size,
+                                            "base and cfg" if progress else None)
+    logps = {name: {kind: sequence_logprobs(model, cls, codes, batch_size, f"{name} {kind}" if progress else None)
+                    for kind, cls in classes.items()} for name, model in tuned.items()}
+    logps.update({f"cfg s={s:g}": lp for s, lp in guided.items()})
 
-    def logps(model: GPT, who: str) -> dict[str, torch.Tensor]:
-        return {kind: sequence_logprobs(model, classes, codes, batch_size, f"{who} {kind}" if progress else None)
-                for kind, classes in {"own": labels, **negatives}.items()}
-
-    base = logps(ref, "base")
     report: dict[str, dict[str, dict[str, float]]] = {}
-    for name, model in tuned.items():
-        lp = logps(model, name)
+    for name, lp in logps.items():
         reward = {kind: lp[kind] - base[kind] for kind in lp}
         report[name] = {}
         for kind, neg in negatives.items():

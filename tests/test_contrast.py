@@ -57,21 +57,34 @@ def test_reward_contrast_is_the_reward_difference():
         contrast.reward_contrast(ref, {"t": tuned}, codes, labels, {"bad": labels[:3]}, progress=False)
 
 
-def test_guided_gpt_is_the_distribution_cfg_samples_from():
+def test_guided_logprobs_are_the_distribution_cfg_samples_from():
     base = random_gpt(0)
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, TINY_GPT["vocab_size"], (4, TINY_GPT["block_size"]), generator=gen)
-    labels = torch.tensor([0, 3, 7, 9])
+    codes = torch.randint(0, TINY_GPT["vocab_size"], (7, TINY_GPT["block_size"]), generator=gen)
+    labels = torch.tensor([0, 3, 7, 9, 1, 2, 5])
+    other = (labels + 4) % TINY_GPT["num_classes"]
     null = torch.full_like(labels, TINY_GPT["num_classes"])
+    own, guided = contrast.base_and_guided_logprobs(base, codes, {"own": labels, "other": other},
+                                                    cfg_scales=(0.0, 1.0, 3.0), batch_size=3)
     with torch.no_grad():
-        cond, uncond = sequence_logprob(base, labels, codes), sequence_logprob(base, null, codes)
-        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 1.0), labels, codes), cond, atol=1e-4)
-        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 0.0), labels, codes), uncond, atol=1e-4)
-        # s = 3 by hand, token by token: softmax of u + 3 (c - u)
-        c_logits, u_logits = base(labels, codes[:, :-1]), base(null, codes[:, :-1])
-        guided = torch.log_softmax(u_logits + 3.0 * (c_logits - u_logits), -1)
-        by_hand = guided.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(1)
-        assert torch.allclose(sequence_logprob(contrast.GuidedGPT(base, 3.0), labels, codes), by_hand, atol=1e-4)
+        uncond = sequence_logprob(base, null, codes)
+        for kind, cls in {"own": labels, "other": other}.items():
+            cond = sequence_logprob(base, cls, codes)
+            assert torch.allclose(own[kind], cond, atol=1e-4)
+            assert torch.allclose(guided[1.0][kind], cond, atol=1e-4)
+            assert torch.allclose(guided[0.0][kind], uncond, atol=1e-4)
+            # s = 3 by hand, token by token: softmax of u + 3 (c - u)
+            c_logits, u_logits = base(cls, codes[:, :-1]), base(null, codes[:, :-1])
+            by_hand = torch.log_softmax(u_logits + 3.0 * (c_logits - u_logits), -1)
+            by_hand = by_hand.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(1)
+            assert torch.allclose(guided[3.0][kind], by_hand, atol=1e-4)
+    # and reward_contrast reports them as models: scale 1 is the base itself (no change of contrast)
+    report = contrast.reward_contrast(base, {}, codes, labels, {"other": other}, cfg_scales=(1.0, 3.0),
+                                      batch_size=3, progress=False)
+    assert list(report) == ["cfg s=1", "cfg s=3"]
+    assert report["cfg s=1"]["other"]["slope"] == pytest.approx(0.0, abs=1e-5)
+    dr = (guided[3.0]["own"] - own["own"]) - (guided[3.0]["other"] - own["other"])
+    assert report["cfg s=3"]["other"]["reward_contrast_mean"] == pytest.approx(float(dr.mean()), rel=1e-4, abs=1e-4)
 
 
 def test_contrast_cli_on_the_default_model(tmp_path):
