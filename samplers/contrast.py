@@ -9,7 +9,7 @@ per-class normaliser. The least-squares slope of dr on dg (through the origin) t
 an *effective guidance scale* ``1 + slope``, and comparing it across kinds of negatives shows
 whether the fine-tune strengthened the whole conditional signal or only parts of it. CFG itself
 guides token by token, not at the sequence level, so it is measured the same way (the distribution
-CFG samples from, scored like any model: ``base_and_guided_logprobs``) rather than assumed to give s.
+CFG samples from, scored like any model: ``logprobs_by_class``) rather than assumed to give s.
 
 Negatives: the classes CCA trains on, rolled within a shuffled batch (any model and code set,
 LlamaGen included), and on Shapes-1k classes that differ from the image's own in exactly one
@@ -30,53 +30,36 @@ from tqdm.auto import tqdm
 from . import shapes
 from .evaluate import attribute_targets
 from .gpt import GPT
-from .losses import sequence_logprob
+from .losses import code_logprobs
 
 CONTRAST_DATA_SEED = 9  # held-out Shapes-1k images (training uses seeds 0..2, evaluation 7 and 8)
 
 
 @torch.no_grad()
-def sequence_logprobs(model: GPT, classes: torch.Tensor, codes: torch.Tensor, batch_size: int = 250,
-                      desc: str | None = None) -> torch.Tensor:
-    """log p(x | c) per row, in batches: [N] fp32."""
-    model = model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(codes), batch_size), desc=desc, disable=desc is None, leave=False):
-        lp = sequence_logprob(model, classes[i:i + batch_size].to(device), codes[i:i + batch_size].to(device))
-        out.append(lp.float().cpu())
-    return torch.cat(out)
-
-
-def _logprob_of(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(dim=1)
-
-
-@torch.no_grad()
-def base_and_guided_logprobs(base: GPT, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
-                             cfg_scales: Sequence[float] = (), batch_size: int = 250, desc: str | None = None,
-                             ) -> tuple[dict[str, torch.Tensor], dict[float, dict[str, torch.Tensor]]]:
-    """``log p_base(x | c)`` for each kind of class, and the log-probability of x under the distribution
-    CFG of scale s samples from (next-token logits ``u + s * (c - u)`` from the base's conditional and
-    null-class rows), for each scale and kind: ``({kind: [N]}, {s: {kind: [N]}})``.
+def logprobs_by_class(model: GPT, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
+                      cfg_scales: Sequence[float] = (), batch_size: int = 250, desc: str | None = None,
+                      ) -> tuple[dict[str, torch.Tensor], dict[float, dict[str, torch.Tensor]]]:
+    """``log p(x | c)`` for each kind of class, and the log-probability of x under the distribution
+    CFG of scale s samples from (next-token logits ``u + s * (c - u)`` from the model's conditional and
+    null-class rows), for each scale and kind: ``({kind: [N]}, {s: {kind: [N]}})``, fp32 on the CPU.
 
     The null-class pass does not depend on the class and one conditional pass serves every scale, so
     this costs one forward per kind (plus one if any scale is asked for), not two per kind and scale.
     """
-    base = base.eval()
-    device = next(base.parameters()).device
+    model = model.eval()
+    device = next(model.parameters()).device
     own: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
     guided: dict[float, dict[str, list[torch.Tensor]]] = {s: {kind: [] for kind in classes} for s in cfg_scales}
     for i in tqdm(range(0, len(codes), batch_size), desc=desc, disable=desc is None, leave=False):
         x = codes[i:i + batch_size].to(device)
         if cfg_scales:
-            null = torch.full((len(x),), base.config.num_classes, dtype=torch.long, device=device)
-            uncond = base(null, x[:, :-1]).float()
+            null = torch.full((len(x),), model.config.num_classes, dtype=torch.long, device=device)
+            uncond = model(null, x[:, :-1]).float()
         for kind, cls in classes.items():
-            cond = base(cls[i:i + batch_size].to(device), x[:, :-1]).float()
-            own[kind].append(_logprob_of(cond, x).cpu())
+            cond = model(cls[i:i + batch_size].to(device), x[:, :-1]).float()
+            own[kind].append(code_logprobs(cond, x).sum(dim=1).cpu())
             for s in cfg_scales:
-                guided[s][kind].append(_logprob_of(uncond + s * (cond - uncond), x).cpu())
+                guided[s][kind].append(code_logprobs(uncond + s * (cond - uncond), x).sum(dim=1).cpu())
     return ({kind: torch.cat(v) for kind, v in own.items()},
             {s: {kind: torch.cat(v) for kind, v in by_kind.items()} for s, by_kind in guided.items()})
 
@@ -128,10 +111,10 @@ def reward_contrast(ref: GPT, tuned: Mapping[str, GPT], codes: torch.Tensor, lab
         if neg.shape != labels.shape:
             raise ValueError(f"negatives {name!r} have shape {tuple(neg.shape)}, labels {tuple(labels.shape)}")
     classes = {"own": labels, **negatives}
-    base, guided = base_and_guided_logprobs(ref, codes, classes, cfg_scales, batch_size,
-                                            "base and cfg" if progress else None)
-    logps = {name: {kind: sequence_logprobs(model, cls, codes, batch_size, f"{name} {kind}" if progress else None)
-                    for kind, cls in classes.items()} for name, model in tuned.items()}
+    base, guided = logprobs_by_class(ref, codes, classes, cfg_scales, batch_size,
+                                     "base and cfg" if progress else None)
+    logps = {name: logprobs_by_class(model, codes, classes, (), batch_size, name if progress else None)[0]
+             for name, model in tuned.items()}
     logps.update({f"cfg s={s:g}": lp for s, lp in guided.items()})
 
     report: dict[str, dict[str, dict[str, float]]] = {}

@@ -19,10 +19,14 @@ from .gpt import GPT
 PREFERENCE_LOSSES = ("cca", "dpo", "unlearn")
 
 
+def code_logprobs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The log-probability each position's logits [B, T, V] give its code [B, T]: [B, T]."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """log p(codes[:, i] | cond, codes[:, :i]) for every position: [B, T] fp32."""
-    logits = gpt(cond, codes[:, :-1])
-    return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    return code_logprobs(gpt(cond, codes[:, :-1]), codes)
 
 
 def sequence_logprob(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

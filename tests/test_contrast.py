@@ -64,8 +64,8 @@ def test_guided_logprobs_are_the_distribution_cfg_samples_from():
     labels = torch.tensor([0, 3, 7, 9, 1, 2, 5])
     other = (labels + 4) % TINY_GPT["num_classes"]
     null = torch.full_like(labels, TINY_GPT["num_classes"])
-    own, guided = contrast.base_and_guided_logprobs(base, codes, {"own": labels, "other": other},
-                                                    cfg_scales=(0.0, 1.0, 3.0), batch_size=3)
+    own, guided = contrast.logprobs_by_class(base, codes, {"own": labels, "other": other},
+                                             cfg_scales=(0.0, 1.0, 3.0), batch_size=3)
     with torch.no_grad():
         uncond = sequence_logprob(base, null, codes)
         for kind, cls in {"own": labels, "other": other}.items():
