@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.offline import llamagen_model, time_llamagen  # noqa: E402
 from samplers import build_gpt  # noqa: E402
-from samplers.bench import llamagen_model, time_llamagen  # noqa: E402
 
 
 def main() -> None:

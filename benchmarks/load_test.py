@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.loadgen import load, server_stats  # noqa: E402
+from benchmarks.loadgen import load, server_stats  # noqa: E402
 
 
 def main() -> int:

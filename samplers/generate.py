@@ -12,53 +12,16 @@ sampling noise is a counter-based hash of (seed, token index), not a shared RNG 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .gpt import GPT, StepPositions
+from .modes import SamplingOptions, check_class, check_seed
 
-MAX_SEED = 2**63 - 1
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Per-image sampling options (LlamaGen's names and meanings).
-
-    cfg_scale: logits = uncond + cfg_scale * (cond - uncond); 1.0 is guidance-free (one row).
-    cfg_interval: -1 guides every token; N >= 0 guides image tokens 0..N+1 only, as LlamaGen's
-        ``generate()`` does, after which the unconditional row is dropped.
-    temperature: logits are divided by it; 0 means greedy.
-    top_k: keep the k most likely tokens (0 = all); 1 is greedy.
-    top_p: nucleus sampling threshold (1.0 = off).
-    """
-
-    cfg_scale: float = 1.0
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.cfg_interval < -1:
-            raise ValueError(f"cfg_interval must be -1 (always) or >= 0, got {self.cfg_interval}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg_scale != 1.0
-
-    def guides_token(self, index: int) -> bool:
-        return self.guided and (self.cfg_interval < 0 or index <= self.cfg_interval + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +39,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def seed_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Fold 63-bit seeds to 32-bit keys for ``uniform_noise``."""
     for s in seeds:
-        if not 0 <= int(s) <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63 - 1], got {s}")
+        check_seed(s)
     s = torch.tensor([int(x) for x in seeds], dtype=torch.int64, device=device)
     return _mix32((s & _MASK32) ^ _mix32((s >> 32) ^ 0x5BD1E995))
 
@@ -161,6 +123,7 @@ class ImageJob:
 
     @property
     def rows(self) -> int:
+        """Rows it holds now (a guided image drops its unconditional row past cfg_interval)."""
         return 1 + (self.uncond_row >= 0)
 
 
@@ -188,6 +151,8 @@ class Decoder:
         self.row_owner: list[ImageJob] = []  # row -> job
         self.row_input: list[int] = []  # row -> next input (class id at position 0, else a token)
         self.steps = 0
+        # rows run at each recent step (a benchmark counts FLOPs from it); bounded for long-lived engines
+        self.rows_log: deque[int] = deque(maxlen=1 << 16)
 
     @property
     def rows_in_use(self) -> int:
@@ -196,20 +161,16 @@ class Decoder:
     def free_rows(self) -> int:
         return self.max_rows - self.rows_in_use
 
-    def validate_class(self, class_id: int) -> None:
-        config = self.gpt.config
-        top = config.num_classes if config.has_null_class else config.num_classes - 1
-        if not 0 <= class_id <= top:
-            raise ValueError(f"class id {class_id} out of range [0, {top}]")
-
     def add(self, class_id: int, seed: int, options: SamplingOptions, tag: object = None) -> ImageJob:
-        self.validate_class(class_id)
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-        if options.guided and not self.gpt.config.has_null_class:
+        """Admit one image (between steps). The null class is a valid class here: it samples the
+        unconditional distribution."""
+        config = self.gpt.config
+        class_id = check_class(class_id, config.num_classes, allow_null=config.has_null_class)
+        seed = check_seed(seed)
+        if options.guided and not config.has_null_class:
             raise ValueError("this model has no null class (class_dropout_prob = 0): CFG is unavailable")
         job = ImageJob(class_id, seed, options, tag=tag)
-        need = 1 + options.guided
+        need = options.rows
         if need > self.free_rows():
             raise RuntimeError(f"no room: the image needs {need} rows, {self.free_rows()} free")
         job.cond_row = self._claim_row(job, class_id)
@@ -273,6 +234,7 @@ class Decoder:
         ).tolist()
 
         self.steps += 1
+        self.rows_log.append(len(self.row_owner))
         finished, spent_rows = [], []
         for job, token in zip(jobs, tokens, strict=True):
             job.rows_x_steps += job.rows
@@ -310,27 +272,31 @@ def _set_row(job: ImageJob, old: int, new: int) -> None:
 
 
 def run_decoder(
-    gpt: GPT,
+    decoder: Decoder,
     classes: Sequence[int],
     seeds: Sequence[int],
     options: SamplingOptions,
     progress: bool = False,
-    compile: bool = False,
+    total_steps: int | None = None,
 ) -> list[ImageJob]:
-    """Decode one image per (class, seed) as one batch; returns the finished jobs in order."""
+    """Decode one image per (class, seed) as one batch on an empty decoder (of any family); returns
+    the finished jobs in order."""
     if len(seeds) != len(classes):
         raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
     if not classes:
         raise ValueError("classes is empty")
-    decoder = Decoder(gpt, max_rows=len(classes) * (1 + options.guided), compile=compile)
     jobs = [decoder.add(int(c), int(s), options) for c, s in zip(classes, seeds, strict=True)]
-    steps = range(gpt.config.block_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="tokens", unit="tok", leave=False)
-    for _ in steps:
+        bar = tqdm(total=total_steps, desc="steps", unit="step", leave=False)
+    while decoder.jobs:
         decoder.step()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return jobs
 
 
@@ -358,5 +324,6 @@ def generate(
         seeds = random_seeds(len(classes))
     seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
     options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
-    jobs = run_decoder(gpt, classes, seeds, options, progress, compile)
+    decoder = Decoder(gpt, max_rows=max(1, len(classes)) * options.rows, compile=compile)
+    jobs = run_decoder(decoder, classes, seeds, options, progress, gpt.config.block_size)
     return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=gpt.device)

@@ -1,15 +1,14 @@
-"""One object that turns (classes, mode, seeds, options) into images: the CLI, the server and the
-UI all call this.
+"""One object that turns (classes, mode, seeds, options) into images: the CLI, the server's engine,
+the UI, the benchmarks and the evaluation all go through it.
 
-Modes (rows per image per step in brackets):
-  free     base weights, no guidance                      [1]
-  cfg      base weights, classifier-free guidance         [2]
-  cca      CCA fine-tuned weights, no guidance            [1]
-  cca+cfg  CCA fine-tuned weights with guidance           [2]
+A Pipeline is a model family (its tokenizer and decoding rules, ``samplers.family``) plus the
+weights the modes need: ``base`` (free, cfg), ``cca`` (cca) and optionally ``cca_cfg`` (the
+fine-tune ``cca+cfg`` guides; without it ``cca+cfg`` guides ``cca``). Which weights and how many
+rows a mode takes come from ``samplers.modes``.
 
-``cca+cfg`` uses a separate fine-tune when the model has one (``cca_cfg_gpt``): the CCA paper
-tunes the model it guides with a small lambda (1) and beta 0.1, and the guidance-free one with a
-large lambda; without it ``cca+cfg`` guides ``cca_gpt``.
+Requests are checked once (``check_request``); finished images leave through one step,
+``finish``: codes -> images -> ``ImageResult``. Each image is decoded on its own, so a served PNG
+is the same to the pixel whatever else finished at the same step.
 """
 
 from __future__ import annotations
@@ -19,115 +18,173 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .generate import ImageJob, SamplingOptions, random_seeds, run_decoder
-from .gpt import GPT
-from .vq import VQModel
-
-MODES = ("free", "cfg", "cca", "cca+cfg")
-_MODE_ALIASES = {"cca_cfg": "cca+cfg", "cca cfg": "cca+cfg", "cca-cfg": "cca+cfg", "guided": "cfg"}
-
-
-def normalize_mode(mode: str) -> str:
-    """Canonical mode name; accepts ``cca_cfg`` and ``cca cfg`` (an unencoded ``+`` in a URL)."""
-    key = mode.strip().lower()
-    key = _MODE_ALIASES.get(key, key)
-    if key not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)} (or cca_cfg)")
-    return key
-
-
-def mode_is_guided(mode: str) -> bool:
-    return normalize_mode(mode) in ("cfg", "cca+cfg")
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL RGB images (rounded as torchvision's save_image does)."""
-    arr = (images.detach().float().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return [Image.fromarray(np.ascontiguousarray(a.permute(1, 2, 0).numpy())) for a in arr]
+from .family import ModelFamily, family_for
+from .generate import ImageJob, random_seeds, run_decoder
+from .images import to_pil
+from .modes import (
+    SamplingOptions,
+    check_class,
+    check_seed,
+    get_mode,
+    modes_for,
+    normalize_mode,
+    weights_for,
+)
 
 
 @dataclass
 class ImageResult:
+    """One finished image and what it cost; the same type from the Pipeline and the engine."""
+
     image: Image.Image
     class_id: int
     seed: int
     mode: str
     tokens: list[int]
     options: SamplingOptions
-    latency_s: float  # from the call to this image being ready (the batch finishes together)
-    gpt_s: float  # token generation time of the batch it was in
-    vq_s: float  # decoding time of that batch
+    latency_s: float  # from the call (or the engine's submit) to this image being ready
     rows_x_steps: int  # cost: KV-cache rows used, summed over decoding steps
+    queue_wait_s: float = 0.0  # engine only: submit -> first decoding step
+    gpt_s: float = 0.0  # token generation time of the batch it was in
+    vq_s: float = 0.0  # decoding time of its codes
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """Rows it took at its start: 1, or 2 for a guided image."""
+        return self.options.rows
 
 
 class Pipeline:
-    """Base GPT, optional CCA GPT and VQ tokenizer, with the four sampling modes."""
+    """A model family's tokenizer with base, optional CCA and optional cca+cfg weights: the four modes."""
 
-    def __init__(self, gpt: GPT, vq: VQModel, cca_gpt: GPT | None = None, *, name: str = "custom",
+    def __init__(self, gpt: torch.nn.Module, vq: torch.nn.Module, cca_gpt: torch.nn.Module | None = None, *,
+                 cca_cfg_gpt: torch.nn.Module | None = None, name: str = "custom",
                  class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
-                 compile: bool = False, cca_cfg_gpt: GPT | None = None):
-        for tuned in (cca_gpt, cca_cfg_gpt):
-            if tuned is not None and tuned.config.block_size != gpt.config.block_size:
-                raise ValueError("base and CCA models have different token grids")
+                 compile: bool = False, family: ModelFamily | None = None):
+        """``gpt``: the base transformer of any family; ``vq``: that family's tokenizer (the family is
+        found from its type unless given); ``cca_gpt`` / ``cca_cfg_gpt``: CCA fine-tunes of ``gpt``."""
         if cca_cfg_gpt is not None and cca_gpt is None:
             raise ValueError("a cca+cfg model needs the guidance-free CCA model too")
-        if gpt.config.vocab_size > vq.config.codebook_size:
-            raise ValueError(
-                f"GPT vocabulary {gpt.config.vocab_size} exceeds the VQ codebook {vq.config.codebook_size}")
-        self.gpt, self.vq, self.cca_gpt = gpt.eval(), vq.eval(), cca_gpt.eval() if cca_gpt else None
-        self.cca_cfg_gpt = cca_cfg_gpt.eval() if cca_cfg_gpt else None
+        self.family = family or family_for(vq)
+        self.models: dict[str, torch.nn.Module] = {}
+        for role, model in (("base", gpt), ("cca", cca_gpt), ("cca_cfg", cca_cfg_gpt)):
+            if model is not None:
+                self.family.check_model(model)
+                self.models[role] = model.eval()
+        self.family.tokenizer.eval()
         self.name = name
         self.num_classes = gpt.config.num_classes
         self.class_names = list(class_names) if class_names else None
         self.default_cfg_scale = default_cfg_scale
-        self.grid = (gpt.config.grid_size, gpt.config.grid_size)
         self.compile = compile  # torch.compile the decoding step (for CUDA)
+
+    # ---- what the pipeline holds -------------------------------------------------------------
+    @property
+    def gpt(self) -> torch.nn.Module:
+        return self.models["base"]
+
+    @property
+    def cca_gpt(self) -> torch.nn.Module | None:
+        return self.models.get("cca")
+
+    @property
+    def cca_cfg_gpt(self) -> torch.nn.Module | None:
+        return self.models.get("cca_cfg")
+
+    @property
+    def vq(self) -> torch.nn.Module:
+        return self.family.tokenizer
 
     @property
     def modes(self) -> list[str]:
-        return list(MODES) if self.cca_gpt is not None else ["free", "cfg"]
+        return modes_for(self.models)
 
     @property
     def default_mode(self) -> str:
-        return "cca" if self.cca_gpt is not None else "cfg"
+        return "cca" if "cca" in self.models else "cfg"
 
     @property
     def image_size(self) -> int:
-        return self.grid[0] * self.vq.config.downsample
+        return self.family.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.family.tokens_per_image(self.gpt)
 
     def class_name(self, class_id: int) -> str:
         if self.class_names and 0 <= class_id < len(self.class_names):
             return self.class_names[class_id]
         return f"class {class_id}"
 
-    def model_for(self, mode: str) -> GPT:
-        mode = normalize_mode(mode)
-        if mode.startswith("cca"):
-            if self.cca_gpt is None:
-                raise ValueError(f"mode {mode!r} needs a CCA model; this pipeline has none (modes: {self.modes})")
-            if mode == "cca+cfg" and self.cca_cfg_gpt is not None:
-                return self.cca_cfg_gpt
-            return self.cca_gpt
-        return self.gpt
+    def weights_for(self, mode: str) -> str:
+        """The role (``base``, ``cca``, ``cca_cfg``) of the weights that run a mode here."""
+        try:
+            return weights_for(mode, self.models)
+        except ValueError:
+            raise ValueError(f"mode {normalize_mode(mode)!r} needs a CCA model; {self.name} offers "
+                             f"{self.modes}") from None
+
+    def model_for(self, mode: str) -> torch.nn.Module:
+        return self.models[self.weights_for(mode)]
 
     def options_for(self, mode: str, *, cfg_scale: float | None = None, cfg_interval: int = -1,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SamplingOptions:
         """Sampling options of a mode: guided modes use cfg_scale (default: the model's), the others 1."""
-        scale = (self.default_cfg_scale if cfg_scale is None else cfg_scale) if mode_is_guided(mode) else 1.0
+        scale = (self.default_cfg_scale if cfg_scale is None else cfg_scale) if get_mode(mode).guided else 1.0
         return SamplingOptions(scale, cfg_interval, temperature, top_k, top_p)
 
-    def validate_class(self, class_id: int) -> None:
-        if not 0 <= int(class_id) < self.num_classes:
-            raise ValueError(f"class {class_id} out of range [0, {self.num_classes - 1}]")
+    # ---- the one check of a request ----------------------------------------------------------
+    def check_request(self, class_id: int, mode: str, seed: int) -> str:
+        """Raise ValueError for a class, mode or seed this pipeline cannot serve; return the mode's
+        canonical name. (Sampling options check themselves when built.)"""
+        check_class(class_id, self.num_classes)
+        check_seed(seed)
+        self.weights_for(mode)
+        return normalize_mode(mode)
 
+    def validate_class(self, class_id: int) -> None:
+        check_class(class_id, self.num_classes)
+
+    # ---- codes -> images -> results ----------------------------------------------------------
     @torch.inference_mode()
+    def decode_images(self, codes: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+        """Codes [N, L] -> images [N, 3, H, W] in [-1, 1], each decoded on its own: a decoder's
+        arithmetic may depend on the batch, an image must not."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        return torch.cat([self.family.codes_to_images(codes[i : i + 1]) for i in range(len(codes))])
+
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        return to_pil(self.vq.decode_code(tokens.to(self.vq.device), self.grid))
+        return to_pil(self.decode_images(tokens))
+
+    def finish(self, jobs: Sequence[ImageJob], mode: str | Sequence[str], started: float | Sequence[float],
+               first_step: float | Sequence[float] | None = None, gpt_s: float = 0.0) -> list[ImageResult]:
+        """Finished decoder jobs -> results: images decoded one by one, latency from ``started``."""
+        n = len(jobs)
+        modes = [mode] * n if isinstance(mode, str) else list(mode)
+        starts = [started] * n if isinstance(started, int | float) else list(started)
+        firsts = starts if first_step is None else ([first_step] * n if isinstance(first_step, int | float)
+                                                    else list(first_step))
+        results = []
+        for job, m, t0, t1 in zip(jobs, modes, starts, firsts, strict=True):
+            t_decode = time.perf_counter()
+            image = self.decode([job.tokens])[0]
+            done = time.perf_counter()
+            results.append(ImageResult(image=image, class_id=job.class_id, seed=job.seed, mode=m, tokens=job.tokens,
+                                       options=job.options, latency_s=done - t0, rows_x_steps=job.rows_x_steps,
+                                       queue_wait_s=t1 - t0, gpt_s=gpt_s, vq_s=done - t_decode))
+        return results
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def decode_batch(self, mode: str, classes: Sequence[int], seeds: Sequence[int], options: SamplingOptions,
+                     progress: bool = False) -> list[ImageJob]:
+        """Token generation only: one batch of images in one mode, returned as finished jobs."""
+        model = self.model_for(mode)
+        decoder = self.family.decoder(model, max(1, len(classes)) * options.rows, compile=self.compile)
+        return run_decoder(decoder, classes, seeds, options, progress, self.family.steps_per_image(model))
 
     @torch.inference_mode()
     def __call__(self, classes: Sequence[int] | int, mode: str | None = None, seeds: Sequence[int] | None = None,
@@ -135,33 +192,25 @@ class Pipeline:
         """Generate one image per class (one batch). Options: cfg_scale, cfg_interval, temperature,
         top_k, top_p. Seeds default to random ones (returned in the results)."""
         classes = [int(classes)] if isinstance(classes, int) else [int(c) for c in classes]
-        for c in classes:
-            self.validate_class(c)
-        mode = normalize_mode(mode or self.default_mode)
-        gpt = self.model_for(mode)
-        opts = self.options_for(mode, **options)
         seeds = list(seeds) if seeds is not None else random_seeds(len(classes))
+        mode = normalize_mode(mode or self.default_mode)
+        for c, s in zip(classes, seeds, strict=True):
+            self.check_request(c, mode, s)
+        opts = self.options_for(mode, **options)
         start = time.perf_counter()
-        jobs: list[ImageJob] = run_decoder(gpt, classes, seeds, opts, progress, self.compile)
-        gpt_done = time.perf_counter()
-        images = self.decode(torch.tensor([j.tokens for j in jobs]))
-        end = time.perf_counter()
-        return [
-            ImageResult(img, j.class_id, j.seed, mode, j.tokens, opts, end - start, gpt_done - start,
-                        end - gpt_done, j.rows_x_steps)
-            for img, j in zip(images, jobs, strict=True)
-        ]
+        jobs = self.decode_batch(mode, classes, seeds, opts, progress)
+        return self.finish(jobs, mode, start, gpt_s=time.perf_counter() - start)
 
     @torch.inference_mode()
     def sample_images(self, classes: Sequence[int], mode: str, seeds: Sequence[int], *, batch_size: int = 500,
                       progress: bool = False, **options: Any) -> torch.Tensor:
-        """Many images as one tensor [N, 3, H, W] in [-1, 1], decoded ``batch_size`` at a time
+        """Many images as one tensor [N, 3, H, W] in [-1, 1], sampled ``batch_size`` at a time
         (for evaluation: FID needs thousands of samples, not PIL objects)."""
         if len(seeds) != len(classes):
             raise ValueError(f"got {len(seeds)} seeds for {len(classes)} classes")
-        for c in classes:
-            self.validate_class(c)
-        gpt, opts = self.model_for(mode), self.options_for(mode, **options)
+        for c, s in zip(classes, seeds, strict=True):
+            self.check_request(c, mode, s)
+        opts = self.options_for(mode, **options)
         chunks = range(0, len(classes), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -169,9 +218,8 @@ class Pipeline:
             chunks = tqdm(chunks, desc=f"sample {normalize_mode(mode)}", unit="batch", leave=False)
         out = []
         for start in chunks:
-            jobs = run_decoder(gpt, classes[start : start + batch_size], seeds[start : start + batch_size], opts,
-                               compile=self.compile)
-            out.append(self.vq.decode_code(torch.tensor([j.tokens for j in jobs], device=self.vq.device), self.grid))
+            jobs = self.decode_batch(mode, classes[start : start + batch_size], seeds[start : start + batch_size], opts)
+            out.append(self.decode_images([j.tokens for j in jobs]))
         return torch.cat(out).float().cpu()
 
     def compare(self, class_id: int, seed: int, modes: Sequence[str] | None = None,
@@ -206,3 +254,6 @@ class Pipeline:
         vq = load_vq(vq_ckpt, vq_model, device=device)
         return cls(gpt, vq, cca, name="checkpoints", class_names=class_names, default_cfg_scale=default_cfg_scale,
                    cca_cfg_gpt=cca_cfg)
+
+
+__all__ = ["Pipeline", "ImageResult"]

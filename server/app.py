@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import random
 from collections.abc import Sequence
@@ -21,20 +20,18 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from samplers.cli import comparison_grid
-from samplers.generate import MAX_SEED, SamplingOptions
-from samplers.pipeline import MODES, normalize_mode
+from samplers.images import comparison_grid, image_grid, png_bytes
+from samplers.modes import MAX_SEED, MODE_HELP, MODES, SamplingOptions, normalize_mode
+from samplers.pipeline import ImageResult
 
-from .engine import Engine, EngineResult, QueueFull, RequestCancelled, RequestTimeout
+from .engine import Engine, QueueFull, RequestCancelled, RequestTimeout
 from .stats import prometheus
 
 log = logging.getLogger("ccaserve.server")
 
 MAX_N = 16  # images per request (a grid)
-MODE_HELP = "free | cfg | cca | cca+cfg (also cca_cfg, or 'cca cfg' as an unencoded '+' arrives)"
 
 
 class ApiError(Exception):
@@ -113,12 +110,6 @@ class ModelInfo(BaseModel):
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _validate(engine: Engine, p: SamplingParams) -> tuple[str, SamplingOptions]:
     pipe = engine.pipeline
     if p.class_id >= pipe.num_classes:
@@ -137,7 +128,7 @@ def _validate(engine: Engine, p: SamplingParams) -> tuple[str, SamplingOptions]:
 
 
 async def _run(engine: Engine, request: Request, jobs: Sequence[tuple[int, str, int, SamplingOptions]]
-               ) -> list[EngineResult]:
+               ) -> list[ImageResult]:
     """Submit images, await them, and cancel them if the client disconnects meanwhile."""
     submitted = engine.submit_many(list(jobs))
     futures = [asyncio.wrap_future(r.future) for r in submitted]
@@ -162,20 +153,11 @@ def _seeds(p: SamplingParams) -> list[int]:
     return [first + i for i in range(p.n)]
 
 
-def _image_json(engine: Engine, r: EngineResult) -> GeneratedImage:
-    return GeneratedImage(png_base64=base64.b64encode(_png(r.image)).decode(), class_id=r.class_id,
+def _image_json(engine: Engine, r: ImageResult) -> GeneratedImage:
+    return GeneratedImage(png_base64=base64.b64encode(png_bytes(r.image)).decode(), class_id=r.class_id,
                           class_name=engine.pipeline.class_name(r.class_id), seed=r.seed, mode=r.mode,
                           cfg_scale=r.options.cfg_scale, latency_s=round(r.latency_s, 4),
                           queue_wait_s=round(r.queue_wait_s, 4), rows_x_steps=r.rows_x_steps)
-
-
-def _grid(images: list[Image.Image], cols: int) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 # ---- the app --------------------------------------------------------------------------------
@@ -227,7 +209,7 @@ def create_app(server: ModelServer) -> FastAPI:
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     async def _generate(server: ModelServer, request: Request, p: SamplingParams) -> tuple[Engine, str,
-                                                                                          list[EngineResult]]:
+                                                                                          list[ImageResult]]:
         engine = server.engine(p.model)
         mode, opts = _validate(engine, p)
         try:
@@ -243,13 +225,13 @@ def create_app(server: ModelServer) -> FastAPI:
         engine, mode, results = await _generate(server, request, params)
         if not results:
             return Response(status_code=499)
-        img = results[0].image if len(results) == 1 else _grid([r.image for r in results], min(4, len(results)))
+        img = results[0].image if len(results) == 1 else image_grid([r.image for r in results], min(4, len(results)))
         headers = {"X-Seed": ",".join(str(r.seed) for r in results), "X-Mode": mode,
                    "X-Class-Name": engine.pipeline.class_name(params.class_id),
                    "X-Latency-S": f"{max(r.latency_s for r in results):.4f}",
                    "X-Queue-Wait-S": f"{max(r.queue_wait_s for r in results):.4f}",
                    "X-Rows-X-Steps": ",".join(str(r.rows_x_steps) for r in results)}
-        return Response(_png(img), media_type="image/png", headers=headers)
+        return Response(png_bytes(img), media_type="image/png", headers=headers)
 
     @app.post("/generate", response_model=GenerateResponse, summary="Generate images, JSON with base64 PNGs")
     async def generate_json(server: Server, request: Request, params: SamplingParams) -> Any:
@@ -287,7 +269,7 @@ def create_app(server: ModelServer) -> FastAPI:
             return GenerateResponse(model=pipe.name, mode="compare", images=[_image_json(engine, r) for r in results])
         labels = [f"{r.mode} ({r.options.cfg_scale:g})\n{r.latency_s:.2f}s, {r.rows_x_steps} rxs" for r in results]
         grid = comparison_grid([[r.image for r in results]], labels, [f"{class_id}: {pipe.class_name(class_id)}"])
-        return Response(_png(grid), media_type="image/png", headers={"X-Seed": str(seed)})
+        return Response(png_bytes(grid), media_type="image/png", headers={"X-Seed": str(seed)})
 
     @app.get("/stats", summary="Throughput, latency percentiles, batch occupancy, per mode and overall")
     async def stats(server: Server, model: Annotated[str | None, Query(description="registry name")] = None

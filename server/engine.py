@@ -1,11 +1,15 @@
-"""The batching engine: one background thread per loaded model pair, continuous batching per step.
+"""The batching engine: one background thread per loaded pipeline, continuous batching per step.
 
-Requests wait in a bounded queue. Before every step the loop admits as many as fit into the
-model's KV cache (a guided request takes two rows, an unguided one row); then each model with
-work advances all its images by one token in one forward pass, so ``free`` and ``cfg`` images
-share the base model's pass and ``cca`` and ``cca+cfg`` images share the CCA model's. Finished
-images leave at once and are decoded by the VQ together. Seeds make every image independent of
-who shared its batch (see ``samplers.generate``).
+Requests are checked when submitted (``Pipeline.check_request``, the same check every caller
+gets) and wait in a bounded queue. Before every step the loop admits as many as fit into the
+KV cache of the weights their mode runs on (rows per image from ``samplers.modes``); then each
+set of weights with work advances all its images by one step in one forward pass, so ``free`` and
+``cfg`` images share the base model's pass and ``cca`` images the CCA model's. Finished images
+leave through ``Pipeline.finish`` (each decoded on its own). Seeds make every image independent
+of who shared its batch, to the pixel.
+
+A failure while admitting or finishing one request fails that request alone; every request gets
+exactly one answer.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
-from samplers.generate import Decoder, ImageJob, SamplingOptions
-from samplers.pipeline import Pipeline, normalize_mode, to_pil
+from samplers.family import StepDecoder
+from samplers.generate import ImageJob
+from samplers.modes import SamplingOptions
+from samplers.pipeline import ImageResult, Pipeline
 
 from .stats import ImageRecord, Stats
 
@@ -42,19 +47,6 @@ class RequestTimeout(Exception):
     pass
 
 
-@dataclass
-class EngineResult:
-    image: Image.Image
-    class_id: int
-    seed: int
-    mode: str
-    options: SamplingOptions
-    tokens: list[int]
-    latency_s: float  # submit -> image ready
-    queue_wait_s: float  # submit -> first decoding step
-    rows_x_steps: int
-
-
 @dataclass(eq=False)
 class Request:
     class_id: int
@@ -69,7 +61,7 @@ class Request:
 
     @property
     def rows(self) -> int:
-        return 1 + self.options.guided
+        return self.options.rows
 
 
 def _settle(future: concurrent.futures.Future, result: object = None, error: BaseException | None = None) -> None:
@@ -99,11 +91,9 @@ class Engine:
         self.pipeline = pipeline
         self.max_rows, self.max_queue, self.request_timeout_s = max_rows, max_queue, request_timeout_s
         self.stats = stats or Stats(pipeline.modes)
-        self.decoders: dict[str, Decoder] = {"base": Decoder(pipeline.gpt, max_rows)}
-        if pipeline.cca_gpt is not None:
-            self.decoders["cca"] = Decoder(pipeline.cca_gpt, max_rows)
-        if pipeline.cca_cfg_gpt is not None:
-            self.decoders["cca_cfg"] = Decoder(pipeline.cca_cfg_gpt, max_rows)
+        self.decoders: dict[str, StepDecoder] = {
+            role: pipeline.family.decoder(model, max_rows, compile=pipeline.compile)
+            for role, model in pipeline.models.items()}
         self._pending: deque[Request] = deque()
         self._running: dict[str, list[Request]] = {k: [] for k in self.decoders}
         self._cond = threading.Condition()
@@ -114,7 +104,7 @@ class Engine:
 
     # ---- client side ------------------------------------------------------------------------
     def submit(self, class_id: int, mode: str, seed: int, options: SamplingOptions) -> Request:
-        """Queue one image; returns a Request whose ``future`` resolves to an EngineResult.
+        """Queue one image; returns a Request whose ``future`` resolves to an ImageResult.
         Raises ValueError for bad input and QueueFull when the queue is at its bound."""
         return self.submit_many([(class_id, mode, seed, options)])[0]
 
@@ -123,9 +113,9 @@ class Engine:
         QueueFull is raised and none is queued."""
         reqs = []
         for class_id, mode, seed, options in items:
-            mode = normalize_mode(mode)
-            self.pipeline.model_for(mode)  # raises for cca modes without a CCA model
-            self.pipeline.validate_class(class_id)
+            if not isinstance(options, SamplingOptions):
+                raise ValueError(f"options must be SamplingOptions, got {type(options).__name__}")
+            mode = self.pipeline.check_request(class_id, mode, seed)
             reqs.append(Request(int(class_id), mode, int(seed), options))
         with self._cond:
             if self._stop:
@@ -145,7 +135,7 @@ class Engine:
             self._cond.notify()
 
     def generate(self, class_id: int, mode: str, seed: int, options: SamplingOptions,
-                 timeout: float | None = None) -> EngineResult:
+                 timeout: float | None = None) -> ImageResult:
         """Blocking convenience for in-process callers (the UI, benchmarks)."""
         req = self.submit(class_id, mode, seed, options)
         try:
@@ -172,35 +162,39 @@ class Engine:
         return max(1, min(60, int(len(self._pending) / rate) + 1))
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _model_key(self, mode: str) -> str:
-        if mode == "cca+cfg" and "cca_cfg" in self.decoders:
-            return "cca_cfg"
-        return "cca" if mode.startswith("cca") else "base"
-
     def _admit(self) -> None:
         """FIFO per model: a request that does not fit holds back later ones of the same model,
         so guided requests are not starved by a stream of single-row ones."""
         blocked: set[str] = set()
         keep: deque[Request] = deque()
         now = time.perf_counter()
-        while self._pending:
-            req = self._pending.popleft()
-            if req.cancelled or req.future.cancelled():
-                _settle(req.future, error=RequestCancelled("cancelled before it started"))
-                continue
-            if now - req.submitted > self.request_timeout_s:
-                _settle(req.future, error=RequestTimeout(f"waited more than {self.request_timeout_s} s in the queue"))
-                continue
-            key = self._model_key(req.mode)
-            decoder = self.decoders[key]
-            if key in blocked or decoder.free_rows() < req.rows:
-                blocked.add(key)
-                keep.append(req)
-                continue
-            req.job = decoder.add(req.class_id, req.seed, req.options, tag=req)
-            req.started = now
-            self._running[key].append(req)
-        self._pending = keep
+        try:
+            while self._pending:
+                req = self._pending.popleft()
+                if req.cancelled or req.future.cancelled():
+                    _settle(req.future, error=RequestCancelled("cancelled before it started"))
+                    continue
+                if now - req.submitted > self.request_timeout_s:
+                    _settle(req.future, error=RequestTimeout(f"waited more than {self.request_timeout_s} s in the "
+                                                             "queue"))
+                    continue
+                key = self.pipeline.weights_for(req.mode)
+                decoder = self.decoders[key]
+                if key in blocked or decoder.free_rows() < req.rows:
+                    blocked.add(key)
+                    keep.append(req)
+                    continue
+                try:
+                    req.job = decoder.add(req.class_id, req.seed, req.options, tag=req)
+                except Exception as e:  # this request alone: the others keep their place
+                    log.warning("request rejected at admission: %s", e)
+                    _settle(req.future, error=e if isinstance(e, ValueError) else RuntimeError("admission failed"))
+                    continue
+                req.started = now
+                self._running[key].append(req)
+        finally:
+            keep.extend(self._pending)
+            self._pending = keep
 
     def _drop_cancelled(self) -> None:
         now = time.perf_counter()
@@ -236,31 +230,39 @@ class Engine:
             if not decoder.jobs:
                 continue
             self.stats.step(key, decoder.rows_in_use)
-            for job in decoder.step():
+            try:
+                done = decoder.step()
+            except Exception as e:  # a failed forward pass fails the images of these weights only
+                log.exception("decoding step of %s failed", key)
+                self._fail_running(e, keys=[key])
+                continue
+            for job in done:
                 req: Request = job.tag
                 self._running[key].remove(req)
                 finished.append(req)
-        if finished:
-            self._deliver(finished)
+        for req in finished:
+            self._deliver(req)
 
     @torch.inference_mode()
-    def _deliver(self, finished: list[Request]) -> None:
-        pipe = self.pipeline
-        codes = torch.tensor([r.job.tokens for r in finished], device=pipe.vq.device)
-        images = to_pil(pipe.vq.decode_code(codes, pipe.grid))
-        done = time.perf_counter()
-        for req, img in zip(finished, images, strict=True):
-            job = req.job
-            result = EngineResult(img, req.class_id, req.seed, req.mode, req.options, job.tokens,
-                                  done - req.submitted, (req.started or done) - req.submitted, job.rows_x_steps)
-            self.stats.image(ImageRecord(time.time(), req.mode, result.latency_s, result.queue_wait_s,
-                                         job.rows_x_steps, len(job.tokens), req.rows))
-            _settle(req.future, result)
+    def _deliver(self, req: Request) -> None:
+        try:
+            result = self.pipeline.finish([req.job], req.mode, req.submitted, req.started)[0]
+        except Exception:
+            log.exception("finishing an image failed")
+            _settle(req.future, error=RuntimeError("decoding the image failed"))
+            return
+        self.stats.image(ImageRecord(time.time(), req.mode, result.latency_s, result.queue_wait_s,
+                                     result.rows_x_steps, len(result.tokens), result.rows))
+        _settle(req.future, result)
 
-    def _fail_running(self, error: Exception) -> None:
+    def _fail_running(self, error: Exception, keys: list[str] | None = None) -> None:
         with self._cond:
             for key, running in self._running.items():
+                if keys is not None and key not in keys:
+                    continue
                 for req in running:
-                    self.decoders[key].cancel(req.job)
-                    _settle(req.future, error=RuntimeError(f"generation failed: {type(error).__name__}"))
+                    try:
+                        self.decoders[key].cancel(req.job)
+                    finally:
+                        _settle(req.future, error=RuntimeError(f"generation failed: {type(error).__name__}"))
                 running.clear()

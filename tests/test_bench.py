@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from samplers import bench
-from samplers.cli import main
+from benchmarks import offline as bench
+from cli import main
 from tests.server_util import load_pipeline, serve, write_tiny_models
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import samplers.gpt as gpt_module
+from cli import main as cli_main
 from samplers import CheckpointError, build_gpt, build_vq, load_gpt, load_vq, read_checkpoint
-from samplers.cli import main as cli_main
 from tests.conftest import TINY_GPT, TINY_VQ, random_gpt
 
 

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from samplers import contrast
-from samplers.cli import main
-from samplers.evaluate import attribute_targets
-from samplers.losses import sequence_logprob
+from cli import main
+from evaluation import contrast
+from evaluation.evaluate import attribute_targets
 from tests.conftest import TINY_GPT, random_gpt
+from training.losses import sequence_logprob
 
 
 def test_contrast_stats_reads_a_uniform_tilt_as_its_scale():

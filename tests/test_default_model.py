@@ -3,9 +3,10 @@ import json
 
 import torch
 
-from samplers import Pipeline, Registry, shapes
-from samplers.evaluate import load_evalnet
+from evaluation.evaluate import load_evalnet
+from samplers import Pipeline, Registry
 from samplers.registry import WEIGHTS_DIR
+from training import shapes
 
 
 def test_registry_default_is_the_shipped_model():
@@ -48,7 +49,7 @@ def test_shipped_models_metadata():
 def test_shipped_evalnet_recognises_real_images():
     net = load_evalnet(WEIGHTS_DIR / "shapes1k" / "evalnet")
     images, labels = shapes.make_batch(12345, range(300))
-    from samplers.evaluate import class_accuracy
+    from evaluation.evaluate import class_accuracy
 
     assert class_accuracy(net, images, labels) > 0.7
     with torch.no_grad():

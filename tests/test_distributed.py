@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli import main
+from evaluation.inception import FIDInception, load_inception
 from samplers import save_pretrained
-from samplers.cli import main
-from samplers.inception import FIDInception, load_inception
-from samplers.train import CCATrainArgs, RunSetup, train_cca
 from tests.conftest import random_gpt
 from tests.server_util import write_tiny_models
 from tests.test_training import _tiny_codes
+from training.trainers import CCATrainArgs, RunSetup, train_cca
 
 # one intra-op thread everywhere: float results (and so sampled tokens) depend on the thread count,
 # and torchrun gives each rank one thread
@@ -27,12 +27,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _ccaserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "samplers.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "samplers.cli", *args]
+            "-m", "cli", *args]
 
 
 def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

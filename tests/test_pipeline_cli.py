@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cli import main as cli_main
 from samplers import Pipeline, normalize_mode
-from samplers.cli import main as cli_main
 from tests.conftest import random_gpt
 
 
@@ -61,7 +61,7 @@ def test_pipeline_images_match_generate_and_decode(pipe):
 
 
 def test_pipeline_errors(pipe, tiny_vq):
-    with pytest.raises(ValueError, match="class 10 out of range"):
+    with pytest.raises(ValueError, match="class id 10 out of range"):
         pipe([10], "free")  # the null class is not a user class
     with pytest.raises(ValueError, match="needs a CCA model"):
         Pipeline(random_gpt(0), tiny_vq)([1], "cca")

@@ -224,7 +224,7 @@ def test_engine_in_process_matches_and_cancels(models, reference):
 
 
 def test_load_generator_is_bounded_and_counts(live):
-    from server.loadgen import load
+    from benchmarks.loadgen import load
 
     server, engine = live
     before = engine.stats.snapshot()["overall"]["images"]

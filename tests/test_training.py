@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from samplers import load_gpt, shapes
-from samplers.evaluate import EvalNet, frechet_distance, inception_score, precision_recall
-from samplers.losses import contrastive_pairs, preference_loss, sequence_logprob
-from samplers.train import CCATrainArgs, CodeData, GPTTrainArgs, VQTrainArgs, train_cca, train_gpt, train_vq
+from evaluation.evaluate import EvalNet, frechet_distance, inception_score, precision_recall
+from samplers import load_gpt
 from tests.conftest import TINY_GPT, random_gpt
+from training import shapes
+from training.losses import contrastive_pairs, preference_loss, sequence_logprob
+from training.trainers import CCATrainArgs, CodeData, GPTTrainArgs, VQTrainArgs, train_cca, train_gpt, train_vq
 
 
 def _logsig(x: float) -> float:
@@ -213,7 +214,7 @@ def test_evalnet_class_posterior_is_a_distribution():
 
 def test_train_all_quick_then_eval(tmp_path):
     """The whole recipe end to end at smoke-test size: train all, then eval with sweeps."""
-    from samplers.cli import main
+    from cli import main
 
     out, work, ev = tmp_path / "out", tmp_path / "work", tmp_path / "eval"
     assert main(["train", "all", "--quick", "--baselines", "--out", str(out), "--work", str(work)]) == 0

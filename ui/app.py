@@ -14,7 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from server.engine import Engine  # noqa: E402
+from server.engine import Engine, QueueFull  # noqa: E402
 
 _CSS = """
 .mode-image img { image-rendering: pixelated; }
@@ -48,11 +48,16 @@ def render_modes(engine: Engine, class_text: Any, seed: float, cfg_scale: float,
     """Submit every mode at once (they batch together), wait, and caption each with its cost."""
     pipe = engine.pipeline
     class_id = parse_class(class_text, engine)
-    seed = int(seed)
-    requests = []
-    for mode in pipe.modes:
-        opts = pipe.options_for(mode, cfg_scale=cfg_scale, temperature=temperature, top_k=int(top_k))
-        requests.append(engine.submit(class_id, mode, seed, opts))
+    try:  # the engine's own check, the one the HTTP API gets: a bad value is this call's error alone
+        seed = int(seed)
+        requests = engine.submit_many([
+            (class_id, mode, seed, pipe.options_for(mode, cfg_scale=float(cfg_scale), temperature=float(temperature),
+                                                    top_k=int(top_k)))
+            for mode in pipe.modes])
+    except (ValueError, TypeError, OverflowError) as e:
+        raise gr.Error(str(e)) from None
+    except QueueFull as e:
+        raise gr.Error(f"the server is busy: {e}") from None
     out: list[Any] = []
     for req in requests:
         r = req.future.result(timeout=engine.request_timeout_s)

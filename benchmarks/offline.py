@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .generate import run_decoder
-from .gpt import GPT
-from .pipeline import Pipeline, normalize_mode
+from samplers.generate import run_decoder
+from samplers.gpt import GPT
+from samplers.pipeline import Pipeline, normalize_mode
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -116,21 +116,19 @@ def bench_cell(pipe: Pipeline, mode: str, batch: int, repeats: int, warmup: int 
         torch.cuda.reset_peak_memory_stats(device)
     for rep in range(warmup + repeats):
         seeds = [rep * batch + i for i in range(batch)]
+        decoder = pipe.family.decoder(gpt, batch * opts.rows, compile=pipe.compile)
         with Timer(device) as t_gpt:
-            jobs = run_decoder(gpt, classes, seeds, opts, compile=pipe.compile)
-        codes = torch.tensor([j.tokens for j in jobs], device=pipe.vq.device)
-        with Timer(device) as t_vq, torch.inference_mode():
+            jobs = run_decoder(decoder, classes, seeds, opts)
+        with Timer(device) as t_vq:
             if vq_decode:
-                pipe.vq.decode_code(codes, pipe.grid)
+                pipe.decode_images([j.tokens for j in jobs])
         if rep >= warmup:
             gpt_s.append(t_gpt.seconds)
             vq_s.append(t_vq.seconds)
             rxs.append(sum(j.rows_x_steps for j in jobs) / batch)
-    # rows per step of this run: guided images hold two rows while guided
-    tokens = gpt.config.block_size
-    rows_log = [sum(1 + (opts.guided and opts.guides_token(s)) for _ in range(batch)) for s in range(tokens)]
-    # the first step is the class token's prefill; each step's rows match the decoder's
-    flops, bytes_ = decode_work(gpt, rows_log)
+    tokens = pipe.family.tokens_per_image(gpt)
+    # the first step is the class token's prefill; rows per step as the decoder ran them
+    flops, bytes_ = decode_work(gpt, decoder.rows_log)
     total = [g + v for g, v in zip(gpt_s, vq_s, strict=True)]
     med_gpt, med_total = statistics.median(gpt_s), statistics.median(total)
     return {
@@ -183,7 +181,7 @@ def run_offline(pipe: Pipeline, modes: Sequence[str], batch_sizes: Sequence[int]
                            "rows_x_steps_ratio": round(cfg["rows_x_steps_per_image"] / cca["rows_x_steps_per_image"],
                                                        3)})
     return {"model": pipe.name, "device": describe_device(device), "dtype": str(pipe.gpt.dtype),
-            "tokens_per_image": pipe.gpt.config.block_size, "image_size": pipe.image_size,
+            "tokens_per_image": pipe.tokens_per_image, "image_size": pipe.image_size,
             "gpt_params": sum(p.numel() for p in pipe.gpt.parameters()), "peaks": peaks,
             "usd_per_hour": usd_per_hour, "cells": cells, "cfg_over_cca": ratios, "skipped": skipped,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": pipe.compile,
@@ -306,7 +304,7 @@ def time_llamagen(ref: torch.nn.Module, gpt: GPT, batch: int, cfg_scale: float, 
     """Best-of-``repeats`` seconds per image of LlamaGen's generate() and ours, alternating runs."""
     from autoregressive.models.generate import generate as llamagen_generate
 
-    from .generate import generate
+    from samplers.generate import generate
 
     device = gpt.device
     classes = torch.arange(batch, device=device) % gpt.config.num_classes

@@ -7,18 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import bench
+from benchmarks import offline as bench
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+from .common import add_model_args, int_list, pipeline_from_args
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.url:
         return _online(args)
-    from .cli import pipeline_from_args
-
     pipe = pipeline_from_args(args)
     modes = [m for m in args.modes.split(",") if m]
     missing = [m for m in modes if m not in pipe.modes]
@@ -29,14 +25,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if peaks:
         print(f"device peaks: GEMM {peaks['gemm_gflops']} GFLOP/s, memory {peaks['mem_gbps']} GB/s")
     options = {"cfg_scale": args.cfg_scale, "top_k": args.top_k}
-    report = bench.run_offline(pipe, modes, _ints(args.batch_sizes), args.repeats, args.warmup, args.usd_per_hour,
+    report = bench.run_offline(pipe, modes, int_list(args.batch_sizes), args.repeats, args.warmup, args.usd_per_hour,
                                peaks, progress=not args.quiet, options=options, vq_decode=not args.no_vq_decode)
     report["command"] = "ccaserve " + " ".join(args.argv)
     if args.compare_reference:
         ref = bench.llamagen_model(pipe.gpt, args.compare_reference)
         report["reference"] = [bench.time_llamagen(ref, pipe.gpt, b, pipe.options_for("cfg", cfg_scale=args.cfg_scale)
                                                    .cfg_scale if "cfg" in modes else 1.0, args.top_k, args.repeats)
-                               for b in _ints(args.reference_batch_sizes)]
+                               for b in int_list(args.reference_batch_sizes)]
     text = bench.markdown(report)
     if report.get("reference"):
         text += "\n| batch | LlamaGen s/img | ccaserve s/img | speed-up |\n|---|---|---|---|\n" + "".join(
@@ -63,7 +59,7 @@ def _write(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
 def _online(args: argparse.Namespace) -> int:
     import httpx
 
-    from server.loadgen import load, server_stats
+    from benchmarks.loadgen import load, server_stats
 
     model = httpx.get(f"{args.url}/models", timeout=30).json()[0]
     modes = [m for m in args.modes.split(",") if m in model["modes"]]
@@ -71,7 +67,7 @@ def _online(args: argparse.Namespace) -> int:
     runs = []
     lines = ["| clients | mix | img/s | statuses | p50 s | p95 s | p99 s | server img/s (1 min) | rows/step |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for conc in _ints(args.concurrency):
+    for conc in int_list(args.concurrency):
         res = load(args.url, concurrency=conc, duration_s=args.duration, modes=modes, classes=classes,
                    label=f"x{conc}").summary()
         res["server_stats"] = stats = server_stats(args.url)
@@ -91,8 +87,6 @@ def _online(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_model_args
-
     p = sub.add_parser("bench", help="latency / throughput / cost per mode and batch size (or of a server: --url)")
     p.add_argument("--modes", default="free,cfg,cca,cca+cfg")
     p.add_argument("--batch-sizes", default=",".join(str(b) for b in bench.DEFAULT_BATCH_SIZES))

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import distributed
+from samplers.pipeline import Pipeline, normalize_mode, to_pil
+from training import distributed
+
 from .evaluate import balanced_labels
-from .pipeline import Pipeline, normalize_mode, to_pil
 
 
 def seed_of(global_seed: int, index: int) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gpt import GPT
+from samplers.gpt import GPT
 
 PREFERENCE_LOSSES = ("cca", "dpo", "unlearn")
 

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from samplers.checkpoint import save_pretrained
+from samplers.gpt import GPT, build_gpt
+from samplers.vq import VQModel, build_vq
+
 from . import distributed, shapes
-from .checkpoint import save_pretrained
-from .gpt import GPT, build_gpt
 from .losses import contrastive_pairs, next_token_loss, preference_loss, reward_stats, sequence_logprob
-from .vq import VQModel, build_vq
 
 
 # ---- data ----------------------------------------------------------------------------------

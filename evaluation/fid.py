@@ -4,7 +4,7 @@ precomputed ``mu`` / ``sigma`` (2048-d pool statistics), which are then used for
 
 FID, Inception Score (mean over splits of 5000, as ADM) and precision / recall (k = 3 nearest
 neighbours in pool-feature space, on up to ``pr_n`` images per side) with the FID Inception-v3 of
-``samplers.inception``. The default Shapes-1k model is scored by its own network instead
+``evaluation.inception``. The default Shapes-1k model is scored by its own network instead
 (``ccaserve eval``).
 """
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import shapes
+from training import shapes
 
 REFERENCE_SEED = 7  # held-out real images for reference statistics (training uses seeds 0..2)
 
@@ -99,7 +99,7 @@ def degrade(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_evalnet(out_dir: str | Path, args: EvalNetTrainArgs | None = None, progress: bool = True,
                   heldout: int = 2000) -> EvalNet:
-    from .train import Schedule, _optimizer, _run, _write_log
+    from training.trainers import Schedule, _optimizer, _run, _write_log
 
     args = args or EvalNetTrainArgs()
     torch.manual_seed(args.seed)

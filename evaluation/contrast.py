@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import shapes
+from samplers.gpt import GPT
+from training import shapes
+from training.losses import code_logprobs
+
 from .evaluate import attribute_targets
-from .gpt import GPT
-from .losses import code_logprobs
 
 CONTRAST_DATA_SEED = 9  # held-out Shapes-1k images (training uses seeds 0..2, evaluation 7 and 8)
 

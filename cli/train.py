@@ -1,8 +1,8 @@
-"""``ccaserve train ...`` and ``ccaserve eval``: build and measure the embedded default model.
+"""``ccaserve train ...``: build the embedded default model's parts, or CCA-tune a real checkpoint.
 
     ccaserve train all --out weights/shapes1k --work runs/shapes1k   # the shipped parts, from scratch
     ccaserve train all ... --baselines                               # + the eval's lambda sweep, DPO, unlearning
-    ccaserve eval --out docs/eval                                    # metrics, sweeps, table, plot
+    ccaserve train cca --ref c2i_B_256.pt --codes CODES --out OUT    # CCA fine-tune of a real checkpoint
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from . import evaluate, shapes
-from .checkpoint import load_gpt, load_vq, save_pretrained
-from .train import (
+from evaluation import evaluate
+from samplers.checkpoint import load_gpt, load_vq, save_pretrained
+from training import shapes
+from training.trainers import (
     CCATrainArgs,
     CodeData,
     GPTTrainArgs,
@@ -30,13 +31,6 @@ from .train import (
     train_gpt,
     train_vq,
 )
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 # ---- train ---------------------------------------------------------------------------------
@@ -123,7 +117,7 @@ RECIPE: dict[str, Any] = {
                 "max_steps": 200},
     "evalnet": {"steps": 1500, "pool_size": 20000},
     "evalnet_heldout": 2000,
-    "gpt_config": {},  # overrides of samplers.train.DEFAULT_GPT_CONFIG
+    "gpt_config": {},  # overrides of training.trainers.DEFAULT_GPT_CONFIG
 }
 
 
@@ -212,147 +206,8 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- eval ----------------------------------------------------------------------------------
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import pipeline_from_args
-    from .registry import Registry
-
-    pipe = pipeline_from_args(args)
-    if args.evalnet:
-        net_path = Path(args.evalnet)
-    else:
-        entry = Registry().get(args.model)
-        net_path = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
-    if not (net_path / "config.json").exists():
-        raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
-    net = evaluate.load_evalnet(net_path)
-    ref = evaluate.reference_stats(net, args.n_ref)
-    opts = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    entries: list[dict[str, Any]] = []
-
-    def run(mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, **meta: Any) -> dict[str, Any]:
-        scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
-        e = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, progress=True, **opts, **scale)
-        e = evaluate.finish_entry(e, sweep=sweep, model=model_label, **meta)
-        print(f"{mode:8s} {e['setting']:10s} fid {e['fid']:8.3f}  is {e['is']:7.2f}  prec {e['precision']:.3f}  "
-              f"rec {e['recall']:.3f}  acc {e['accuracy']:.3f}  ({e['sample_seconds']:.0f}s)", flush=True)
-        entries.append(e)
-        return e
-
-    real = evaluate.real_data_metrics(net, ref, args.n)
-    print(f"real images: fid {real['fid']:.3f} is {real['is']:.2f} acc {real['accuracy']:.3f} "
-          f"(the floor at n={args.n})")
-    recon = evaluate.reconstruction_metrics(net, ref, pipe.vq, args.n)
-    print(f"VQ reconstructions of real images: fid {recon['fid']:.3f} is {recon['is']:.2f} "
-          f"acc {recon['accuracy']:.3f} (the tokenizer's ceiling)")
-    run("free", "free", "base")
-    for s in args.cfg_scales:
-        run("cfg", "cfg scale (base)", "base", cfg_scale=s)
-    run("cca", "cca (shipped)", "cca")
-    cca_cfg_label = "cca_cfg" if pipe.cca_cfg_gpt is not None else "cca"  # its own fine-tune, when shipped
-    for s in args.cca_cfg_scales:
-        run("cca+cfg", "cfg scale (cca+cfg)", cca_cfg_label, cfg_scale=s)
-    work = Path(args.work) if args.work else None
-    if work is not None and work.exists():
-        shipped = pipe.cca_gpt
-        for variant in sorted(work.glob("*_lam*"), key=lambda p: (p.name.split("_")[0], float(p.name.split("lam")[1]))):
-            loss, lam = variant.name.split("_lam")[0], float(variant.name.split("_lam")[1])
-            model = load_gpt(variant)
-            sweep = "lambda (cca)" if loss == "cca" else loss
-            label, meta = f"{loss} lambda={lam:g}", {"lambda": lam, "loss": loss}
-            if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
-                entries.append({**next(e for e in entries if e["sweep"] == "cca (shipped)"), "sweep": sweep,
-                                "model": label, **meta, "setting": f"λ={lam:g}"})
-                continue
-            pipe.cca_gpt = model
-            run("cca", sweep, label, **meta)
-        pipe.cca_gpt = shipped
-    noise = []
-    for rep in range(1, args.noise_repeats + 1):
-        e = evaluate.evaluate_mode(pipe, net, ref, "cca", args.n, seed_base=rep * 1_000_003, progress=True, **opts)
-        noise.append(e["fid"])
-    first_cca = next(e["fid"] for e in entries if e["sweep"] == "cca (shipped)")
-    report = {"model": pipe.name, "n": args.n, "n_ref": args.n_ref, "reference_seed": ref.seed, "real": real,
-              "vq_reconstruction": recon,
-              "options": opts, "entries": entries,
-              "noise": {"what": "fid of mode cca over independent seed sets", **evaluate.noise_estimate(
-                  [first_cca, *noise])} if noise else None,
-              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve " + " ".join(args.argv)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = args.name
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{name}.md").write_text(_eval_markdown(report))
-    evaluate.plot_fid_is(entries, out / f"{name}_fid_is.png")
-    print(f"wrote {out / (name + '.json')}, {name}.md, {name}_fid_is.png")
-    return 0
-
-
-# ---- contrast ------------------------------------------------------------------------------
-def cmd_contrast(args: argparse.Namespace) -> int:
-    from . import contrast
-    from .cli import pipeline_from_args
-
-    pipe = pipeline_from_args(args)
-    tuned = {"cca": pipe.cca_gpt} if pipe.cca_gpt is not None else {}
-    if pipe.cca_cfg_gpt is not None:
-        tuned["cca+cfg model"] = pipe.cca_cfg_gpt
-    like = next(pipe.gpt.parameters())
-    for path in args.also:
-        tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
-    if args.codes:
-        data = CodeData.load(args.codes)
-        if args.n and args.n < len(data):
-            data = CodeData(data.codes[: args.n].numpy(), data.labels[: args.n].numpy())
-        source = f"codes from {args.codes}"
-    else:
-        data = extract_codes(pipe.vq, args.n, data_seed=contrast.CONTRAST_DATA_SEED, progress=not args.quiet)
-        if data.seq_len != pipe.gpt.config.block_size:
-            raise ValueError(f"this model's VQ turns Shapes-1k images into {data.seq_len} codes, its GPT expects "
-                             f"{pipe.gpt.config.block_size}: pass --codes (a LlamaGen code folder or .npz)")
-        source = f"held-out Shapes-1k images (data seed {contrast.CONTRAST_DATA_SEED}) tokenized by the model's VQ"
-    if int(data.labels.max()) >= pipe.num_classes:
-        raise ValueError(f"--codes has class {int(data.labels.max())}, the model has {pipe.num_classes} classes")
-    gen = torch.Generator().manual_seed(0)
-    negatives = {"rolled (as trained)": contrast.rolled_negatives(data.labels, gen)}
-    if not args.codes:
-        negatives.update(contrast.attribute_negatives(data.labels, gen))
-    report = contrast.reward_contrast(pipe.gpt, tuned, data.codes, data.labels, negatives,
-                                      cfg_scales=args.cfg_scales or [pipe.default_cfg_scale],
-                                      batch_size=args.batch_size, progress=not args.quiet)
-    print(contrast.markdown_table(report))
-    meta = {"model": pipe.name, "n": len(data), "data": source, "command": "ccaserve " + " ".join(args.argv)}
-    paths = contrast.write_report(report, args.out, args.name, meta)
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def _same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:
-    if a is None or b is None:
-        return False
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _eval_markdown(report: dict[str, Any]) -> str:
-    noise = report.get("noise")
-    lines = [f"# Evaluation: {report['model']} ({report['date']})", "",
-             f"`{report['command']}`", "",
-             f"{report['n']} class-balanced samples per row; reference: {report['n_ref']} held-out real images "
-             f"(seed {report['reference_seed']}). Real held-out images score FID {report['real']['fid']:.3f}, "
-             f"accuracy {report['real']['accuracy']:.3f} at this n (the floor); their VQ reconstructions score FID "
-             f"{report['vq_reconstruction']['fid']:.3f}, accuracy {report['vq_reconstruction']['accuracy']:.3f} "
-             "(the tokenizer's ceiling for any AR model on its codes).", ""]
-    if noise:
-        lines += [f"Run-to-run noise ({noise['what']}): mean {noise['mean']}, std {noise['std']} over {noise['runs']} "
-                  "seed sets.", ""]
-    lines += [evaluate.markdown_table(report["entries"]), ""]
-    return "\n".join(lines)
-
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_model_args
-
     train = sub.add_parser("train", help="train the default model's parts (vq, codes, gpt, cca, evalnet, all)")
     tsub = train.add_subparsers(dest="part", required=True)
 
@@ -423,33 +278,3 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                    help="also the lambda sweep, DPO and unlearning models that `ccaserve eval` compares (+~13 min CPU)")
     p.set_defaults(func=cmd_train_all)
 
-    p = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy per mode, with CFG and lambda sweeps")
-    p.add_argument("--n", type=int, default=5000, help="samples per setting (class-balanced)")
-    p.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference statistics")
-    p.add_argument("--cfg-scales", type=_float_list, default=[1.5, 2.0, 3.0, 4.0, 6.0])
-    p.add_argument("--cca-cfg-scales", type=_float_list, default=[1.5, 2.0, 3.0])
-    p.add_argument("--work", default="runs/shapes1k", help="folder of lambda-sweep / dpo / unlearn models")
-    p.add_argument("--evalnet", default=None, help="evaluation network dir (default: the model's)")
-    p.add_argument("--noise-repeats", type=int, default=2, help="extra seed sets for the noise estimate")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--out", default="docs/eval")
-    p.add_argument("--name", default="default", help="output file stem")
-    add_model_args(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("contrast", help="how guidance-like a fine-tune is: its reward contrast vs the base model's "
-                       "class contrast, per kind of negative (effective guidance scale)")
-    p.add_argument("--n", type=int, default=2000, help="real images (Shapes-1k held-out, or the first N of --codes)")
-    p.add_argument("--codes", default=None, help=".npz or LlamaGen code folder (default: tokenize held-out "
-                   "Shapes-1k images, which also adds shape / colour / texture negatives)")
-    p.add_argument("--also", action="append", default=[], help="another fine-tuned GPT dir to compare (repeatable)")
-    p.add_argument("--cfg-scales", type=_float_list, default=None,
-                   help="CFG scales measured alongside, as the distribution CFG samples from (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", default="docs/eval")
-    p.add_argument("--name", default="contrast", help="output file stem")
-    add_model_args(p)
-    p.set_defaults(func=cmd_contrast)
