@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from samplers.modes import get_mode
 from training import shapes
 
 REFERENCE_SEED = 7  # held-out real images for reference statistics (training uses seeds 0..2)
@@ -336,7 +337,7 @@ def _settings_label(entry: dict[str, Any]) -> str:
 
 def finish_entry(entry: dict[str, Any], **meta: Any) -> dict[str, Any]:
     entry.update(meta)
-    entry["rows_per_image"] = 2 if entry["mode"] in ("cfg", "cca+cfg") else 1
+    entry["rows_per_image"] = get_mode(entry["mode"]).rows_per_image
     entry["setting"] = _settings_label(entry)
     return entry
 

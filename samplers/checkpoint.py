@@ -17,6 +17,7 @@ import argparse
 import json
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mmap: tensors stay in the file's pages until used, no second copy in memory
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -205,6 +211,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 # Fitting a state dict to a model, with errors that say what is wrong
 # --------------------------------------------------------------------------------------------
 def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    """Check the state dict against the model's keys and shapes (works on a meta-device model)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -223,7 +230,19 @@ def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, hint
         if hint:
             parts.append(hint)
         raise CheckpointError(". ".join(parts))
-    model.load_state_dict(state, strict=True)
+
+
+def _materialize(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], what: str, hint: str,
+                 dtype: torch.dtype | None) -> torch.nn.Module:
+    """Build the model on the meta device (no random init, no memory), check the state dict fits,
+    and adopt its tensors (``assign=True``): peak memory is about one copy of the weights."""
+    with torch.device("meta"):
+        model = build()
+    _fit(model, state, what, hint)
+    dtype = dtype or torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def _image_size_hint(path: Path) -> int | None:
@@ -252,12 +271,12 @@ def load_gpt(path: str | Path, preset: str | None = None, image_size: int | None
         if block_size is None:
             block_size = image_size_to_block_size(_image_size_hint(path) or 256)
         config = infer_gpt_config(state, preset, block_size)
-    model = GPT(config)
     fits = fitting_gpt_presets(state)
     hint = f"Its shapes fit preset(s) {fits}" if fits else "Its shapes fit none of the presets"
-    _fit(model, state, f"{preset or 'the inferred config'} (dim {config.dim}, {config.n_layer} layers)",
-         f"{hint} (tok_embeddings {list(state['tok_embeddings.weight'].shape)})")
-    return model.to(device=device, dtype=dtype).eval()
+    model = _materialize(lambda: GPT(config, init=False), state,
+                         f"{preset or 'the inferred config'} (dim {config.dim}, {config.n_layer} layers)",
+                         f"{hint} (tok_embeddings {list(state['tok_embeddings.weight'].shape)})", dtype)
+    return model.to(device=device).eval()
 
 
 def load_vq(path: str | Path, preset: str | None = None, device: str | torch.device = "cpu") -> VQModel:
@@ -275,9 +294,9 @@ def load_vq(path: str | Path, preset: str | None = None, device: str | torch.dev
         config = VQConfig.from_dict(_config_body(meta, "vq", path))
     else:
         config = infer_vq_config(state)
-    model = VQModel(config)
     fits = [name for name, p in VQ_PRESETS.items() if p["encoder_ch_mult"] == infer_vq_config(state).encoder_ch_mult]
-    _fit(model, state, preset or "the inferred VQ config", f"Its shapes fit preset(s) {fits}" if fits else "")
+    model = _materialize(lambda: VQModel(config), state, preset or "the inferred VQ config",
+                         f"Its shapes fit preset(s) {fits}" if fits else "", None)
     return model.to(device).eval()
 
 

@@ -327,7 +327,9 @@ class LabelEmbedder(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, *, init: bool = True):
+        """``init=False`` skips the random initialisation (a checkpoint is about to replace it; the
+        loaders also build on the meta device, so no weight memory is touched before loading)."""
         super().__init__()
         self.config = config
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.has_null_class)
@@ -338,8 +340,10 @@ class GPT(nn.Module):
         self.output = Linear(config.dim, config.vocab_size, bias=False)
         # A plain attribute, not a buffer: it must stay complex64 when the weights go to bf16, and
         # it is not part of the checkpoint format.
-        self._rope = precompute_rope_2d(config.grid_size, config.head_dim, config.rope_base)
-        self.init_weights()
+        with torch.device("cpu"):  # real even when the weights are built on the meta device
+            self._rope = precompute_rope_2d(config.grid_size, config.head_dim, config.rope_base)
+        if init:
+            self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
         """LlamaGen's initialisation: N(0, std) for linears and embeddings, zero output layer."""

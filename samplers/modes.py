@@ -29,6 +29,14 @@ MAX_TOP_K = 1_000_000
 MAX_CFG_INTERVAL = 1_000_000
 
 
+class InvalidRequest(ValueError):
+    """A request value out of range; ``field`` names it (the HTTP API answers 422 with it)."""
+
+    def __init__(self, field: str, message: str, allowed: str | list[str] | None = None):
+        super().__init__(message)
+        self.field, self.allowed = field, allowed
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -58,8 +66,8 @@ def get_mode(name: str) -> Mode:
     key = str(name).strip().lower()
     key = MODE_ALIASES.get(key, key)
     if key not in MODES_TABLE:
-        shown = name if len(str(name)) <= 40 else str(name)[:40] + "..."
-        raise ValueError(f"unknown mode {shown!r}; choose from {list(MODES)} (or cca_cfg)")
+        raise InvalidRequest("mode", f"unknown mode {_short(name)}; choose from {list(MODES)} (or cca_cfg)",
+                             allowed=list(MODES))
     return MODES_TABLE[key]
 
 
@@ -78,7 +86,8 @@ def weights_for(name: str, available: set[str] | list[str] | tuple[str, ...]) ->
     for weights in (mode.weights, mode.fallback):
         if weights is not None and weights in available:
             return weights
-    raise ValueError(f"mode {mode.name!r} needs a CCA model; this model has none")
+    raise InvalidRequest("mode", f"mode {mode.name!r} needs a CCA model; this model has none",
+                         allowed=modes_for(available))
 
 
 def modes_for(available: set[str] | list[str] | tuple[str, ...]) -> list[str]:
@@ -130,7 +139,8 @@ class SamplingOptions:
 
 def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {_short(seed)}")
+        raise InvalidRequest("seed", f"seed must be an integer in [0, 2**63 - 1], got {_short(seed)}",
+                             allowed=f"[0, {MAX_SEED}]")
     return int(seed)
 
 
@@ -138,7 +148,7 @@ def check_class(class_id: object, num_classes: int, *, allow_null: bool = False)
     """A class id in [0, num_classes - 1] (or the null class ``num_classes`` when allowed)."""
     top = num_classes if allow_null else num_classes - 1
     if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not 0 <= class_id <= top:
-        raise ValueError(f"class id {_short(class_id)} out of range [0, {top}]")
+        raise InvalidRequest("class", f"class id {_short(class_id)} out of range [0, {top}]", allowed=f"[0, {top}]")
     return int(class_id)
 
 
@@ -147,13 +157,14 @@ def _check_number(name: str, value: object, low: float, high: float, low_open: b
     if ok:
         ok = (low < value if low_open else low <= value) and value <= high
     if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {_short(value)}")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidRequest(name, f"{name} must be a number in {interval}, got {_short(value)}", allowed=interval)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {_short(value)}")
+        raise InvalidRequest(name, f"{name} must be an integer in [{low}, {high}], got {_short(value)}",
+                             allowed=f"[{low}, {high}]")
 
 
 def _short(value: object) -> str:
@@ -162,6 +173,6 @@ def _short(value: object) -> str:
 
 
 __all__ = [
-    "Mode", "MODES", "MODES_TABLE", "MODE_ALIASES", "MODE_HELP", "get_mode", "normalize_mode", "mode_is_guided",
-    "weights_for", "modes_for", "SamplingOptions", "MAX_SEED", "check_seed", "check_class",
+    "InvalidRequest", "Mode", "MODES", "MODES_TABLE", "MODE_ALIASES", "MODE_HELP", "get_mode", "normalize_mode",
+    "mode_is_guided", "weights_for", "modes_for", "SamplingOptions", "MAX_SEED", "check_seed", "check_class",
 ]

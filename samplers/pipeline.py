@@ -25,6 +25,8 @@ from .family import ModelFamily, family_for
 from .generate import ImageJob, random_seeds, run_decoder
 from .images import to_pil
 from .modes import (
+    MODES,
+    InvalidRequest,
     SamplingOptions,
     check_class,
     check_seed,
@@ -124,9 +126,11 @@ class Pipeline:
         """The role (``base``, ``cca``, ``cca_cfg``) of the weights that run a mode here."""
         try:
             return weights_for(mode, self.models)
-        except ValueError:
-            raise ValueError(f"mode {normalize_mode(mode)!r} needs a CCA model; {self.name} offers "
-                             f"{self.modes}") from None
+        except InvalidRequest as e:
+            if e.allowed == list(MODES):  # an unknown mode: the message says so
+                raise
+            raise InvalidRequest("mode", f"mode {normalize_mode(mode)!r} needs a CCA model; {self.name} offers "
+                                 f"{self.modes}", allowed=self.modes) from None
 
     def model_for(self, mode: str) -> torch.nn.Module:
         return self.models[self.weights_for(mode)]

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from samplers.images import comparison_grid, image_grid, png_bytes
-from samplers.modes import MAX_SEED, MODE_HELP, MODES, SamplingOptions, normalize_mode
+from samplers.modes import MAX_SEED, MODE_HELP, MODES, InvalidRequest, SamplingOptions, normalize_mode
 from samplers.pipeline import ImageResult
 
 from .engine import Engine, QueueFull, RequestCancelled, RequestTimeout
@@ -52,7 +52,7 @@ class ModelServer:
         self.default = default or next(iter(engines))
 
     def engine(self, name: str | None) -> Engine:
-        name = name or self.default
+        name = self.default if name is None else name
         if name not in self.engines:
             raise ApiError("model", f"unknown model {name!r}", allowed=list(self.engines))
         return self.engines[name]
@@ -111,15 +111,11 @@ class ModelInfo(BaseModel):
 
 # ---- helpers --------------------------------------------------------------------------------
 def _validate(engine: Engine, p: SamplingParams) -> tuple[str, SamplingOptions]:
+    """The request's mode and options, checked by the core's own rules (the engine checks class and
+    seed on submit with the same functions); InvalidRequest becomes a 422 naming the field."""
     pipe = engine.pipeline
-    if p.class_id >= pipe.num_classes:
-        raise ApiError("class", f"class {p.class_id} out of range", allowed=f"[0, {pipe.num_classes - 1}]")
-    try:
-        mode = normalize_mode(p.mode or pipe.default_mode)
-    except ValueError:
-        raise ApiError("mode", f"unknown mode {p.mode!r}", allowed=pipe.modes) from None
-    if mode not in pipe.modes:
-        raise ApiError("mode", f"mode {mode!r} needs a CCA model; {pipe.name} has none", allowed=pipe.modes)
+    mode = normalize_mode(pipe.default_mode if p.mode is None else p.mode)
+    pipe.weights_for(mode)
     if p.seed is not None and p.seed + p.n - 1 > MAX_SEED:
         raise ApiError("seed", "seed + n - 1 exceeds the largest seed", allowed=f"[0, {MAX_SEED}]")
     opts = pipe.options_for(mode, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval, temperature=p.temperature,
@@ -180,6 +176,12 @@ def create_app(server: ModelServer) -> FastAPI:
         server.engines[server.default].stats.error(exc.status)
         body = {"detail": [{"field": exc.field, "message": exc.message, "allowed": exc.allowed}]}
         return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
+        server.engines[server.default].stats.error(422)
+        body = {"detail": [{"field": exc.field, "message": str(exc), "allowed": exc.allowed}]}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -131,3 +131,36 @@ def test_convert_cli_writes_safetensors_that_load_identically(tmp_path, tiny_pre
     assert cli_main(["convert", str(tmp_path / "vq.pt"), str(tmp_path / "vq_out")]) == 0
     assert load_vq(tmp_path / "vq_out").config == tiny_vq.config
     assert cli_main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x")]) == 2
+
+
+def test_loading_builds_on_meta_and_never_runs_the_initialiser(tmp_path, tiny_preset, tiny_vq, monkeypatch):
+    """gpt-fast style loading: no random init before the checkpoint, weights adopted (assign=True)."""
+    from samplers import save_pretrained
+
+    gpt = random_gpt(0, vocab_size=64)
+    torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
+    save_pretrained(gpt, tmp_path / "gpt_dir")
+    save_pretrained(tiny_vq, tmp_path / "vq_dir")
+    x = torch.randint(0, 64, (2, 5))
+    expected = gpt(torch.tensor([1, 2]), x)
+
+    def refuse(*args, **kwargs):  # modules' default init may run on meta tensors: it touches no memory
+        if any(isinstance(a, torch.Tensor) and not a.is_meta for a in args):
+            raise AssertionError("an initialiser ran on real memory while loading a checkpoint")
+        return args[0]
+
+    def refuse_init_weights(self, *args, **kwargs):
+        raise AssertionError("GPT.init_weights ran while loading a checkpoint")
+
+    for name in ("normal_", "uniform_", "zeros_", "kaiming_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, refuse)
+    monkeypatch.setattr(gpt_module.GPT, "init_weights", refuse_init_weights)
+    for path, preset in ((tmp_path / "gpt.pt", tiny_preset), (tmp_path / "gpt_dir", None)):
+        loaded = load_gpt(path, preset, image_size=64) if preset else load_gpt(path)
+        assert all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+        torch.testing.assert_close(loaded(torch.tensor([1, 2]), x), expected, rtol=0, atol=0)
+    vq = load_vq(tmp_path / "vq_dir")
+    assert all(not t.is_meta for t in [*vq.parameters(), *vq.buffers()])
+    codes = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(vq.decode_code(codes, (4, 4)), tiny_vq.decode_code(codes, (4, 4)))

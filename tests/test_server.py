@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samplers.generate import SamplingOptions
+from samplers.modes import SamplingOptions
 from server.engine import Engine
 from tests.server_util import load_pipeline, serve, write_tiny_models
 
@@ -41,8 +41,20 @@ def _alone(reference, class_id, mode, seed, **opts) -> np.ndarray:
     return np.asarray(reference([class_id], mode, [seed], **opts)[0].image)
 
 
-def test_concurrent_mixed_modes_match_seed_alone(live, reference):
+def test_concurrent_mixed_modes_match_seed_alone(live, reference, monkeypatch):
+    """Seeded images served under concurrency, modes mixed, equal the same request made alone, to
+    the pixel: tokens do not depend on the batch, and each image's codes are decoded on their own
+    (a decoder's arithmetic may depend on its batch size)."""
     server, engine = live
+    family = engine.pipeline.family
+    decoded_batch_sizes = []
+    original = family.codes_to_images
+
+    def spy(codes):
+        decoded_batch_sizes.append(len(codes))
+        return original(codes)
+
+    monkeypatch.setattr(family, "codes_to_images", spy)
     pairs = [(c, m) for c in range(3) for m in ("free", "cfg", "cca", "cca+cfg")]
     cases = [(c, m, s) for s, (c, m) in enumerate(pairs)]
     cases += [(5, "cfg", 100), (5, "cca", 100), (9, "free", 7), (9, "cca+cfg", 7)] * 2  # duplicates too
@@ -63,6 +75,7 @@ def test_concurrent_mixed_modes_match_seed_alone(live, reference):
     occ = engine.stats.snapshot()["batch_occupancy"]
     assert max(v["mean_rows_per_step"] for v in occ.values()) > 1.5
     assert set(occ) == {"base", "cca", "cca_cfg"}  # cca+cfg runs on its own fine-tune's decoder
+    assert decoded_batch_sizes and set(decoded_batch_sizes) == {1}
 
 
 def test_post_generate_json_and_grid(live, reference):
