@@ -208,8 +208,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("peaks"):
         pk = report["peaks"]
         lines += [f"measured peaks: GEMM {pk['gemm_gflops']} GFLOP/s, memory {pk['mem_gbps']} GB/s", ""]
+    priced = bool(report.get("usd_per_hour"))  # the $ column only when a price was given (--usd-per-hour)
     lines += ["| mode | batch | latency s (median) | spread s | img/s | tok/s | rows×steps/img | GFLOP/s (% peak) "
-              "| GB/s (% peak) | peak MB | $/1k img |", "|" + "---|" * 11]
+              "| GB/s (% peak) | peak MB |" + (" $/1k img |" if priced else ""), "|" + "---|" * (11 if priced else 10)]
     for c in report["cells"]:
         g = f"{c['achieved_gflops']}" + (f" ({100 * c['gemm_fraction_of_peak']:.0f}%)" if "gemm_fraction_of_peak" in c
                                          else "")
@@ -218,7 +219,7 @@ def markdown(report: dict[str, Any]) -> str:
         lat = c["latency_s"]
         lines.append(f"| {c['mode']} | {c['batch']} | {lat['median']:.4f} | {lat['min']:.4f}–{lat['max']:.4f} | "
                      f"{c['images_per_s']} | {c['tokens_per_s']} | {c['rows_x_steps_per_image']:g} | {g} | {b} | "
-                     f"{c['peak_memory_mb']} | {c['usd_per_1000_images']:.4g} |")
+                     f"{c['peak_memory_mb']} |" + (f" {c['usd_per_1000_images']:.4g} |" if priced else ""))
     if report["cfg_over_cca"]:
         lines += ["", "| batch | cfg/cca latency | cfg/cca GPT time | cfg/cca rows×steps |", "|---|---|---|---|"]
         for r in report["cfg_over_cca"]:

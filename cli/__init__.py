@@ -28,8 +28,9 @@ from .train import add_train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccaserve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ccaserve", description="Sample, serve, train, evaluate and benchmark class-conditional AR image "
+        "models, with CCA and CFG side by side. `ccaserve COMMAND --help` for a command's flags.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_sample_commands(sub)
     add_train_commands(sub)

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline as bench
+from samplers.modes import normalize_mode
 
-from .common import add_model_args, int_list, pipeline_from_args
+from .common import add_model_args, add_sampling_args, int_list, pipeline_from_args, sampling_options
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.url:
         return _online(args)
     pipe = pipeline_from_args(args)
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [normalize_mode(m) for m in args.modes.split(",") if m]
     missing = [m for m in modes if m not in pipe.modes]
     if missing:
         raise SystemExit(f"error: modes {missing} need a CCA model; this model offers {pipe.modes}")
@@ -24,7 +25,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     peaks = None if args.no_peaks else bench.measure_peaks(device, pipe.gpt.dtype)
     if peaks:
         print(f"device peaks: GEMM {peaks['gemm_gflops']} GFLOP/s, memory {peaks['mem_gbps']} GB/s")
-    options = {"cfg_scale": args.cfg_scale, "top_k": args.top_k}
+    options = sampling_options(args)
     report = bench.run_offline(pipe, modes, int_list(args.batch_sizes), args.repeats, args.warmup, args.usd_per_hour,
                                peaks, progress=not args.quiet, options=options, vq_decode=not args.no_vq_decode)
     report["command"] = "ccaserve " + " ".join(args.argv)
@@ -88,23 +89,24 @@ def _online(args: argparse.Namespace) -> int:
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency / throughput / cost per mode and batch size (or of a server: --url)")
-    p.add_argument("--modes", default="free,cfg,cca,cca+cfg")
-    p.add_argument("--batch-sizes", default=",".join(str(b) for b in bench.DEFAULT_BATCH_SIZES))
+    p.add_argument("--modes", default="free,cfg,cca,cca+cfg", help="comma-separated modes to time (default: all four)")
+    p.add_argument("--batch-sizes", default=",".join(str(b) for b in bench.DEFAULT_BATCH_SIZES),
+                   help="comma-separated images per batch, one cell each")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--cfg-scale", type=float, default=None, help="guided modes' scale (default: the model's)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--usd-per-hour", type=float, default=0.0, help="machine price, for $ per 1000 images")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell first")
+    p.add_argument("--usd-per-hour", type=float, default=0.0,
+                   help="machine price; adds a $ per 1000 images column (hidden when not given)")
     p.add_argument("--no-peaks", action="store_true", help="skip measuring the device's GEMM / memory peaks")
     p.add_argument("--no-vq-decode", action="store_true",
                    help="time token generation only (latency = GPT time); the VQ decode is the same in every mode")
     p.add_argument("--compare-reference", metavar="LLAMAGEN_CHECKOUT",
                    help="also time LlamaGen's own generate() on the same weights")
-    p.add_argument("--reference-batch-sizes", default="1,8")
+    p.add_argument("--reference-batch-sizes", default="1,8", help="batch sizes of the --compare-reference runs")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the tables as markdown")
     p.add_argument("--plot", metavar="PREFIX", help="write PREFIX_throughput.png and PREFIX_cost_ratio.png")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sampling_args(p)
     g = p.add_argument_group("online (against a running server)")
     g.add_argument("--url", help="benchmark this server instead, e.g. http://127.0.0.1:8000")
     g.add_argument("--concurrency", default="1,8,32", help="closed-loop client counts, one run each")
