@@ -52,15 +52,37 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         weights, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
         if not weights.exists():
             raise CheckpointError(f"{path}: directory has no {WEIGHTS_FILE}")
-        config = json.loads(config_path.read_text()) if config_path.exists() else None
-        state = load_file(str(weights))
+        config = _read_config(config_path) if config_path.exists() else None
+        state = _read_safetensors(weights)
     elif path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = _read_safetensors(path)
         sibling = path.with_name(CONFIG_FILE)
-        config = json.loads(sibling.read_text()) if sibling.exists() else None
+        config = _read_config(sibling) if sibling.exists() else None
     else:
         state = _state_dict_from_pickle(path)
     return _clean(state), config
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:  # the header is checked against the file's size before any tensor is read
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: one line naming the file
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable JSON config ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -78,8 +100,8 @@ def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused: the file is not a plain weights pickle and was not loaded "
             f"(weights_only=True; nothing in it was executed). Detail: {reason[:300]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     for key in _LAYOUT_KEYS:
@@ -264,9 +286,11 @@ def load_gpt(path: str | Path, preset: str | None = None, image_size: int | None
         raise CheckpointError(f"{path}: this is a VQ tokenizer checkpoint, not a GPT")
     block_size = image_size_to_block_size(image_size) if image_size else None
     if meta is not None and preset is None:
-        config = GPTConfig.from_dict(_config_body(meta, "gpt", path))
+        body = _config_body(meta, "gpt", path)
         if block_size is not None:
-            config.block_size = block_size
+            body = {**body, "block_size": block_size}
+        config = _config_from(GPTConfig, body, path)
+        _check_gpt_config_fits(config, state, path)
     else:
         if block_size is None:
             block_size = image_size_to_block_size(_image_size_hint(path) or 256)
@@ -291,7 +315,11 @@ def load_vq(path: str | Path, preset: str | None = None, device: str | torch.dev
         config = VQConfig.from_preset(preset, codebook_size=book[0], codebook_embed_dim=book[1],
                                       codebook_show_usage="quantize.codebook_used" in state)
     elif meta is not None:
-        config = VQConfig.from_dict(_config_body(meta, "vq", path))
+        config = _config_from(VQConfig, _config_body(meta, "vq", path), path)
+        book = _shape(state, "quantize.embedding.weight")
+        if book != (config.codebook_size, config.codebook_embed_dim):
+            raise CheckpointError(f"{path}: config.json says codebook {config.codebook_size} x "
+                                  f"{config.codebook_embed_dim}, the weights hold {list(book)}")
     else:
         config = infer_vq_config(state)
     fits = [name for name, p in VQ_PRESETS.items() if p["encoder_ch_mult"] == infer_vq_config(state).encoder_ch_mult]
@@ -302,8 +330,34 @@ def load_vq(path: str | Path, preset: str | None = None, device: str | torch.dev
 
 def _config_body(meta: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
     if meta.get("kind", kind) != kind:
-        raise CheckpointError(f"{path}: config.json says kind {meta.get('kind')!r}, expected {kind!r}")
-    return meta.get("config", meta)
+        raise CheckpointError(f"{path}: config.json says kind {str(meta.get('kind'))[:40]!r}, expected {kind!r}")
+    body = meta.get("config", meta)
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{path}: config.json's \"config\" must be an object")
+    return body
+
+
+def _config_from(cls: type, body: dict[str, Any], path: Path) -> Any:
+    try:
+        return cls.from_dict(body)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config.json: {_first_line(e)}") from None
+
+
+def _check_gpt_config_fits(config: GPTConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The config against the weights' shapes, before a model is built from it."""
+    emb = _shape(state, "tok_embeddings.weight")
+    cls = _shape(state, "cls_embedding.embedding_table.weight")
+    n_layer = _count_indexed(state, r"layers\.(\d+)\.")
+    problems = []
+    if emb is not None and emb != (config.vocab_size, config.dim):
+        problems.append(f"vocab_size x dim {config.vocab_size} x {config.dim} vs tok_embeddings {list(emb)}")
+    if cls is not None and cls[0] != config.num_classes + config.has_null_class:
+        problems.append(f"num_classes {config.num_classes} vs a label table of {cls[0]} rows")
+    if n_layer != config.n_layer:
+        problems.append(f"n_layer {config.n_layer} vs {n_layer} layers of weights")
+    if problems:
+        raise CheckpointError(f"{path}: config.json does not fit the weights: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------

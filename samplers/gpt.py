@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validation import interval, is_int_in, is_number_in, short
+
 # (n_layer, n_head, dim) of the public class-conditional models.
 GPT_PRESETS: dict[str, dict[str, int]] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
@@ -32,6 +34,24 @@ _IGNORED_LLAMAGEN_FIELDS = {
     "caption_dim", "initializer_range", "max_batch_size", "max_seq_len", "attn_dropout_p",
     "drop_path_rate",
 }
+
+
+# Far above every published model (GPT-3B: 24 layers, dim 3200; 24x24 tokens), far below what
+# would exhaust memory: a config outside them is a mistake or an attack.
+_GPT_INT_BOUNDS = {"dim": (1, 16384), "n_layer": (1, 512), "n_head": (1, 1024), "vocab_size": (1, 1 << 20),
+                   "num_classes": (1, 1 << 20), "block_size": (1, 1 << 14), "cls_token_num": (1, 1),
+                   "multiple_of": (1, 1 << 14)}
+
+
+def check_int_field(kind: str, name: str, value: Any, low: int, high: int) -> None:
+    if not is_int_in(value, low, high):
+        raise ValueError(f"{kind} config field {name!r} must be an integer in [{low}, {high}], got {short(value)}")
+
+
+def check_float_field(kind: str, name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    if not is_number_in(value, low, high, low_open):
+        raise ValueError(f"{kind} config field {name!r} must be a number in {interval(low, high, low_open)}, "
+                         f"got {short(value)}")
 
 
 @dataclass
@@ -55,6 +75,17 @@ class GPTConfig:
     model_type: str = "c2i"
 
     def __post_init__(self) -> None:
+        # A config.json is untrusted input: types and sane bounds before anything is allocated.
+        for name, (low, high) in _GPT_INT_BOUNDS.items():
+            check_int_field("GPT", name, getattr(self, name), low, high)
+        if self.n_kv_head is not None:
+            check_int_field("GPT", "n_kv_head", self.n_kv_head, 1, 1024)
+        for name in ("rope_base", "norm_eps"):
+            check_float_field("GPT", name, getattr(self, name), 0.0, 1e12, low_open=True)
+        for name in ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "ffn_dropout_p"):
+            check_float_field("GPT", name, getattr(self, name), 0.0, 1.0)
+        if self.ffn_dim_multiplier is not None:
+            check_float_field("GPT", "ffn_dim_multiplier", self.ffn_dim_multiplier, 0.0, 64.0, low_open=True)
         if self.model_type != "c2i":
             raise ValueError(f"model_type must be 'c2i' (class-conditional), got {self.model_type!r}")
         if self.cls_token_num != 1:

@@ -16,9 +16,9 @@ with lambda 1), else the guidance-free CCA weights.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
+
+from .validation import interval, is_int_in, is_number_in, short
 
 MAX_SEED = 2**63 - 1
 
@@ -66,7 +66,7 @@ def get_mode(name: str) -> Mode:
     key = str(name).strip().lower()
     key = MODE_ALIASES.get(key, key)
     if key not in MODES_TABLE:
-        raise InvalidRequest("mode", f"unknown mode {_short(name)}; choose from {list(MODES)} (or cca_cfg)",
+        raise InvalidRequest("mode", f"unknown mode {short(name)}; choose from {list(MODES)} (or cca_cfg)",
                              allowed=list(MODES))
     return MODES_TABLE[key]
 
@@ -138,8 +138,8 @@ class SamplingOptions:
 
 
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise InvalidRequest("seed", f"seed must be an integer in [0, 2**63 - 1], got {_short(seed)}",
+    if not is_int_in(seed, 0, MAX_SEED):
+        raise InvalidRequest("seed", f"seed must be an integer in [0, 2**63 - 1], got {short(seed)}",
                              allowed=f"[0, {MAX_SEED}]")
     return int(seed)
 
@@ -147,29 +147,21 @@ def check_seed(seed: object) -> int:
 def check_class(class_id: object, num_classes: int, *, allow_null: bool = False) -> int:
     """A class id in [0, num_classes - 1] (or the null class ``num_classes`` when allowed)."""
     top = num_classes if allow_null else num_classes - 1
-    if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not 0 <= class_id <= top:
-        raise InvalidRequest("class", f"class id {_short(class_id)} out of range [0, {top}]", allowed=f"[0, {top}]")
+    if not is_int_in(class_id, 0, top):
+        raise InvalidRequest("class", f"class id {short(class_id)} out of range [0, {top}]", allowed=f"[0, {top}]")
     return int(class_id)
 
 
 def _check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise InvalidRequest(name, f"{name} must be a number in {interval}, got {_short(value)}", allowed=interval)
+    if not is_number_in(value, low, high, low_open):
+        allowed = interval(low, high, low_open)
+        raise InvalidRequest(name, f"{name} must be a number in {allowed}, got {short(value)}", allowed=allowed)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise InvalidRequest(name, f"{name} must be an integer in [{low}, {high}], got {_short(value)}",
+    if not is_int_in(value, low, high):
+        raise InvalidRequest(name, f"{name} must be an integer in [{low}, {high}], got {short(value)}",
                              allowed=f"[{low}, {high}]")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
 
 
 __all__ = [

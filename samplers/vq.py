@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gpt import check_float_field, check_int_field
+
 VQ_PRESETS: dict[str, dict[str, Any]] = {
     "VQ-16": {"encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4]},
     "VQ-8": {"encoder_ch_mult": [1, 2, 2, 4], "decoder_ch_mult": [1, 2, 2, 4]},
@@ -38,8 +40,20 @@ class VQConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
+        # A config.json is untrusted input: types and sane bounds before anything is allocated.
+        for name, (low, high) in {"codebook_size": (1, 1 << 20), "codebook_embed_dim": (1, 4096),
+                                  "z_channels": (1, 4096), "ch": (1, 1024), "num_res_blocks": (0, 16),
+                                  "norm_groups": (1, 1024)}.items():
+            check_int_field("VQ", name, getattr(self, name), low, high)
         for name in ("encoder_ch_mult", "decoder_ch_mult"):
-            setattr(self, name, [int(m) for m in getattr(self, name)])
+            mults = getattr(self, name)
+            if not isinstance(mults, list | tuple) or not 1 <= len(mults) <= 8:
+                raise ValueError(f"VQ config field {name!r} must be a list of 1 to 8 channel multipliers")
+            for m in mults:
+                check_int_field("VQ", name, m, 1, 64)
+            setattr(self, name, [int(m) for m in mults])
+        for name in ("commit_loss_beta", "entropy_loss_ratio", "dropout_p"):
+            check_float_field("VQ", name, getattr(self, name), 0.0, 1e6)
         for width in {self.ch * m for m in self.encoder_ch_mult + self.decoder_ch_mult}:
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by norm_groups {self.norm_groups}")
