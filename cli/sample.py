@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server.app import ModelServer, create_app
     from server.engine import Engine
+    from server.http import uvicorn_config
 
     pipe = pipeline_from_args(args)
     engine = Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue, request_timeout_s=args.timeout)
@@ -73,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = f"http://{args.host}:{args.port}"
     print(f"serving {pipe.name} ({', '.join(pipe.modes)}) on {where}  UI: {where}/ui  API docs: {where}/docs")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     finally:
         engine.close()
     return 0

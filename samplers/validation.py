@@ -13,6 +13,11 @@ def short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """A string cut to ``limit`` characters (for text that is already a message, not a value)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def is_int_in(value: Any, low: int, high: int) -> bool:
     """An integer (not a bool, not a float) in [low, high]."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and low <= value <= high

@@ -20,18 +20,32 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from samplers.images import comparison_grid, image_grid, png_bytes
-from samplers.modes import MAX_SEED, MODE_HELP, MODES, InvalidRequest, SamplingOptions, normalize_mode
+from samplers.modes import (
+    MAX_CFG_INTERVAL,
+    MAX_CFG_SCALE,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MODE_HELP,
+    MODES,
+    InvalidRequest,
+    SamplingOptions,
+    normalize_mode,
+)
 from samplers.pipeline import ImageResult
+from samplers.validation import clip, short
 
 from .engine import Engine, QueueFull, RequestCancelled, RequestTimeout
+from .http import RequestGuard
 from .stats import prometheus
 
 log = logging.getLogger("ccaserve.server")
 
 MAX_N = 16  # images per request (a grid)
+MAX_REPORTED_ERRORS = 20
 
 
 class ApiError(Exception):
@@ -54,7 +68,7 @@ class ModelServer:
     def engine(self, name: str | None) -> Engine:
         name = self.default if name is None else name
         if name not in self.engines:
-            raise ApiError("model", f"unknown model {name!r}", allowed=list(self.engines))
+            raise ApiError("model", f"unknown model {short(name)}", allowed=list(self.engines))
         return self.engines[name]
 
     def close(self) -> None:
@@ -63,21 +77,42 @@ class ModelServer:
 
 
 # ---- request / response models --------------------------------------------------------------
-class SamplingParams(BaseModel):
+class _SamplingFields(BaseModel):
+    """Fields every sampling endpoint takes (unknown ones are rejected)."""
+
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     class_id: int = Field(207, alias="class", ge=0, description="class id in [0, num_classes - 1] of the model")
-    mode: str | None = Field(None, description=f"{MODE_HELP}; default cca when a CCA model is loaded, else cfg")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image (random when omitted); "
                              "image i of a grid uses seed + i")
-    cfg_scale: float | None = Field(None, ge=0.0, le=50.0, description="guidance scale of cfg modes "
-                                    "(default: the model's); ignored by free and cca")
-    cfg_interval: int = Field(-1, ge=-1, le=4096, description="guide only tokens 0..cfg_interval+1; -1 = all")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = no top-k filter")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus filter")
+    cfg_scale: float | None = Field(None, ge=0.0, le=MAX_CFG_SCALE, allow_inf_nan=False,
+                                    description="guidance scale of cfg modes (default: the model's); 1 = unguided; "
+                                    "ignored by free and cca")
+    cfg_interval: int = Field(-1, ge=-1, le=MAX_CFG_INTERVAL, description="guide only tokens 0..cfg_interval+1; "
+                              "-1 = all")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k filter, 1 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="1 = no nucleus filter")
+    model: str | None = Field(None, max_length=128, description="registry name of a loaded model (GET /models)")
+
+    @field_validator("class_id", "seed", "cfg_interval", "top_k", "n", "cfg_scale", "temperature", "top_p",
+                     mode="before", check_fields=False)
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true is not the number 1
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+class SamplingParams(_SamplingFields):
+    mode: str | None = Field(None, max_length=32, description=f"{MODE_HELP}; default cca when a CCA model is "
+                             "loaded, else cfg")
     n: int = Field(1, ge=1, le=MAX_N, description=f"images per request, 1..{MAX_N} (a grid for GET)")
-    model: str | None = Field(None, description="registry name of a loaded model (GET /models)")
+
+
+class CompareParams(_SamplingFields):
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the image in every mode")
+    format: Literal["png", "json"] = Field("png", description="png grid or json")
 
 
 class GeneratedImage(BaseModel):
@@ -170,6 +205,7 @@ def create_app(server: ModelServer) -> FastAPI:
                   description="Class-conditional AR image generation in four modes (free, cfg, cca, cca+cfg) "
                               "with continuous batching and cost statistics.")
     app.state.server = server
+    app.add_middleware(RequestGuard)  # body-size limit (413), no Gradio uploads
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -187,11 +223,16 @@ def create_app(server: ModelServer) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         server.engines[server.default].stats.error(422)
         detail = []
-        for err in exc.errors():
-            loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "body")]
+        errors = exc.errors()
+        for err in errors[:MAX_REPORTED_ERRORS]:  # 200k bad keys must not make a 15 MB answer
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "body") and not isinstance(x, int)]
             ctx = {k: v for k, v in (err.get("ctx") or {}).items() if isinstance(v, int | float | str)}
-            detail.append({"field": ".".join(loc) or "request", "message": err.get("msg", "invalid"),
-                           "allowed": ctx or None})
+            field = ".".join(loc) or ("body" if tuple(err.get("loc", ()))[:1] == ("body",) else "request")
+            detail.append({"field": clip(field, 64), "message": clip(str(err.get("msg", "invalid"))),
+                           "allowed": {k: clip(v, 64) if isinstance(v, str) else v for k, v in ctx.items()} or None})
+        if len(errors) > MAX_REPORTED_ERRORS:
+            detail.append({"field": "request", "message": f"{len(errors) - MAX_REPORTED_ERRORS} more errors not shown",
+                           "allowed": None})
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(QueueFull)
@@ -245,31 +286,23 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.get("/compare", summary="The same class and seed in every available mode, side by side",
              responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-    async def compare(server: Server, request: Request,
-                      class_id: Annotated[int, Query(alias="class", ge=0, description="class id")] = 207,
-                      seed: Annotated[int, Query(ge=0, le=MAX_SEED)] = 0,
-                      cfg_scale: Annotated[float | None, Query(ge=0.0, le=50.0)] = None,
-                      temperature: Annotated[float, Query(ge=0.0, le=10.0)] = 1.0,
-                      top_k: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-                      top_p: Annotated[float, Query(gt=0.0, le=1.0)] = 1.0,
-                      model: Annotated[str | None, Query(description="registry name")] = None,
-                      format: Annotated[Literal["png", "json"], Query(description="png grid or json")] = "png",
-                      ) -> Any:
-        engine = server.engine(model)
+    async def compare(server: Server, request: Request, params: Annotated[CompareParams, Query()]) -> Any:
+        engine = server.engine(params.model)
         pipe = engine.pipeline
+        class_id, seed = params.class_id, params.seed
         jobs = []
         for mode in pipe.modes:
-            p = SamplingParams(class_id=class_id, mode=mode, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
-                               top_k=top_k, top_p=top_p)
+            p = SamplingParams(**params.model_dump(exclude={"format"}), mode=mode)
             m, opts = _validate(engine, p)
             jobs.append((class_id, m, seed, opts))
         try:
             results = await _run(engine, request, jobs)
         except RequestCancelled:
             return Response(status_code=499)
-        if format == "json":
+        if params.format == "json":
             return GenerateResponse(model=pipe.name, mode="compare", images=[_image_json(engine, r) for r in results])
-        labels = [f"{r.mode} ({r.options.cfg_scale:g})\n{r.latency_s:.2f}s, {r.rows_x_steps} rxs" for r in results]
+        labels = [f"{r.mode}" + (f" (s={r.options.cfg_scale:g})" if r.options.guided else "")
+                  + f"\n{r.latency_s:.2f} s, {r.rows}x compute" for r in results]
         grid = comparison_grid([[r.image for r in results]], labels, [f"{class_id}: {pipe.class_name(class_id)}"])
         return Response(png_bytes(grid), media_type="image/png", headers={"X-Seed": str(seed)})
 

@@ -25,7 +25,7 @@ import torch
 
 from samplers.family import StepDecoder
 from samplers.generate import ImageJob
-from samplers.modes import SamplingOptions
+from samplers.modes import InvalidRequest, SamplingOptions
 from samplers.pipeline import ImageResult, Pipeline
 
 from .stats import ImageRecord, Stats
@@ -117,6 +117,9 @@ class Engine:
                 raise ValueError(f"options must be SamplingOptions, got {type(options).__name__}")
             mode = self.pipeline.check_request(class_id, mode, seed)
             reqs.append(Request(int(class_id), mode, int(seed), options))
+        if len(reqs) > self.max_queue:  # no wait would help: say so instead of "retry later"
+            raise InvalidRequest("n", f"{len(reqs)} images in one request can never fit this server's queue of "
+                                 f"{self.max_queue}", allowed=f"[1, {self.max_queue}]")
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
@@ -124,8 +127,8 @@ class Engine:
                 raise QueueFull(self._retry_after())
             self._pending.extend(reqs)
             self._cond.notify()
-        for req in reqs:
-            self.stats.request(req.mode)
+        for mode in dict.fromkeys(req.mode for req in reqs):  # one request, however many images it asks for
+            self.stats.request(mode)
         return reqs
 
     def cancel(self, req: Request) -> None:

@@ -14,6 +14,7 @@ import uvicorn  # noqa: E402
 from samplers import Pipeline, build_vq, save_pretrained  # noqa: E402
 from server.app import ModelServer, create_app  # noqa: E402
 from server.engine import Engine  # noqa: E402
+from server.http import uvicorn_config  # noqa: E402
 from tests.conftest import TINY_VQ, random_gpt  # noqa: E402
 
 
@@ -36,8 +37,8 @@ def load_pipeline(paths: dict[str, Path], name: str = "tiny") -> Pipeline:
 
 
 class LiveServer:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app, header_timeout_s: float = 10.0):
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, "warning", header_timeout_s))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -56,11 +57,12 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-def serve(pipe: Pipeline, ui: bool = False, **engine_kwargs) -> tuple[LiveServer, Engine]:
+def serve(pipe: Pipeline, ui: bool = False, header_timeout_s: float = 10.0,
+          **engine_kwargs) -> tuple[LiveServer, Engine]:
     engine = Engine(pipe, **engine_kwargs)
     app = create_app(ModelServer({pipe.name: engine}))
     if ui:
         from ui.app import mount_ui
 
         mount_ui(app, engine)
-    return LiveServer(app), engine
+    return LiveServer(app, header_timeout_s), engine

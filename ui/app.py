@@ -108,7 +108,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         with gr.Accordion("live /stats", open=True):
             stats = gr.Markdown(stats_markdown(engine), elem_id="stats-box")
         button.click(lambda *a: render_modes(engine, *a), [class_box, seed, cfg, temp, topk], [title, *images],
-                     concurrency_limit=8)
+                     concurrency_limit=8, api_name="generate")
         timer = gr.Timer(2.0)
         timer.tick(lambda: stats_markdown(engine), None, stats, show_progress="hidden")
     return demo
