@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from samplers.images import comparison_grid, image_grid, png_bytes
@@ -201,7 +202,8 @@ Server = Annotated[ModelServer, Depends(get_server)]
 
 
 def create_app(server: ModelServer) -> FastAPI:
-    app = FastAPI(title="ccaserve", version="0.1",
+    # FastAPIOffline serves Swagger UI's files itself: /docs works without internet (no CDN)
+    app = FastAPIOffline(title="ccaserve", version="0.1",
                   description="Class-conditional AR image generation in four modes (free, cfg, cca, cca+cfg) "
                               "with continuous batching and cost statistics.")
     app.state.server = server
@@ -321,6 +323,11 @@ def create_app(server: ModelServer) -> FastAPI:
     async def metrics(server: Server) -> PlainTextResponse:
         engine = server.engine(None)
         return PlainTextResponse(prometheus(engine.stats.snapshot()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def root(request: Request) -> RedirectResponse:
+        has_ui = any(getattr(r, "path", None) == "/ui" for r in request.app.routes)
+        return RedirectResponse("/ui/" if has_ui else "/docs")
 
     @app.get("/health")
     async def health(server: Server) -> dict[str, Any]:

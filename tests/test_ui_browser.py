@@ -12,9 +12,30 @@ ARTIFACTS = Path(os.environ.get("CCASERVE_TEST_ARTIFACTS", Path(__file__).resolv
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
 
+INSTALL = "apt-get install -y chromium && pip install playwright (never `playwright install`)"
+
+
+def browser_api():
+    """playwright's sync API and a chromium to drive. Missing either fails the test under the test
+    script and CI (CCASERVE_REQUIRE_BROWSER=1) and skips it, with the install line, when run by hand."""
+    required = os.environ.get("CCASERVE_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    problem = None if sync_api is not None else "the playwright package is not installed"
+    if problem is None and not Path(CHROMIUM).exists():
+        problem = f"no chromium at {CHROMIUM}"
+    if problem:
+        message = f"browser test needs chromium and playwright: {problem}. Install: {INSTALL}"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_api
+
+
 def test_ui_renders_four_modes(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    assert Path(CHROMIUM).exists(), "needs Debian's chromium: apt-get install -y chromium"
+    sync_api = browser_api()
     server, engine = serve(load_pipeline(write_tiny_models(tmp_path)), ui=True, max_rows=8)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with server, sync_api.sync_playwright() as pw:
@@ -43,3 +64,30 @@ def test_ui_renders_four_modes(tmp_path):
         {"free": 1, "cfg": 1, "cca": 1, "cca+cfg": 1}
     assert (ARTIFACTS / "ui_four_modes.png").stat().st_size > 10000
     assert httpx  # the API keeps working beside the UI (checked in test_server)
+
+
+def test_api_docs_render_offline_and_root_leads_to_the_ui(tmp_path):
+    """Swagger UI's files come from the server itself; the browser gets no network beyond it."""
+    sync_api = browser_api()
+    server, engine = serve(load_pipeline(write_tiny_models(tmp_path)), ui=True, max_rows=8)
+    with server:
+        html = httpx.get(f"{server.url}/docs").text
+        assert "cdn." not in html and "unpkg" not in html
+        r = httpx.get(f"{server.url}/", follow_redirects=False)
+        assert r.status_code in (302, 307) and r.headers["location"].rstrip("/") == "/ui"
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--headless", "--no-sandbox", "--disable-gpu",
+                                               "--disable-background-networking"])
+            try:
+                page = browser.new_page()
+                outside = []
+                page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(server.url)
+                        else None)
+                page.goto(f"{server.url}/docs", wait_until="networkidle", timeout=60000)
+                page.wait_for_selector(".swagger-ui .opblock", timeout=30000)
+                assert page.locator(".opblock-summary-path", has_text="/generate").count() >= 1
+                assert not outside, outside
+            finally:
+                browser.close()
+    engine.close()
