@@ -5,11 +5,27 @@ from __future__ import annotations
 import argparse
 
 from samplers.checkpoint import convert
+from samplers.classes import match_classes
 from samplers.images import comparison_grid
-from samplers.modes import normalize_mode
+from samplers.modes import InvalidRequest, normalize_mode
+from samplers.pipeline import Pipeline
 from samplers.registry import Registry
 
 from .common import add_model_args, add_sampling_args, int_list, pipeline_from_args, sampling_options
+
+
+def parse_classes(text: str, pipe: Pipeline, limit: int = 16) -> list[int]:
+    """Class ids from "207,360", a name ("golden retriever"), words of names ("green ring": every
+    match) or names separated by commas."""
+    if all(part.strip().isdigit() for part in text.split(",")):
+        return int_list(text)
+    try:  # a whole name first: ImageNet names have commas of their own ("tench, Tinca tinca")
+        found = pipe.find_classes(text)
+    except InvalidRequest:
+        found = [c for part in text.split(",") if part.strip() for c in pipe.find_classes(part)]
+    if len(found) > limit:
+        print(f"{len(found)} classes match {text!r}; sampling the first {limit} (--max-classes)")
+    return found[:limit]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -19,18 +35,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"error: modes {missing} need a CCA model; this model offers {pipe.modes}")
     options = sampling_options(args)
-    classes = args.classes
+    classes = parse_classes(args.classes, pipe, args.max_classes)
     seeds = [args.seed + i for i in range(len(classes))]
+    for mode in modes:  # every input is checked before anything is printed or sampled
+        pipe.options_for(mode, **options)
+        for c, s in zip(classes, seeds, strict=True):
+            pipe.check_request(c, mode, s)
     columns, labels = [], []
     print(f"model {pipe.name}: {pipe.image_size}px, {pipe.tokens_per_image} tokens, device {args.device}")
-    print(f"{'mode':8s} {'latency s':>10s} {'s/image':>8s} {'rows x steps':>13s}  cfg_scale")
+    print(f"{'mode':8s} {'latency s':>10s} {'s/image':>8s} {'compute':>8s}  cfg_scale")
     for mode in modes:
         results = pipe(classes, mode, seeds, progress=not args.quiet, **options)
         r0 = results[0]
         per_image = r0.latency_s / len(results)
-        print(f"{mode:8s} {r0.latency_s:10.2f} {per_image:8.2f} {r0.rows_x_steps:13d}  {r0.options.cfg_scale:g}")
+        print(f"{mode:8s} {r0.latency_s:10.2f} {per_image:8.2f} {r0.rows:7d}x  {r0.options.cfg_scale:g}")
         columns.append([r.image for r in results])
-        labels.append(f"{mode}  ({r0.options.cfg_scale:g})\n{per_image:.2f}s/img, {r0.rows_x_steps} rxs")
+        scale = f" (s={r0.options.cfg_scale:g})" if r0.options.guided else ""
+        labels.append(f"{mode}{scale}\n{per_image:.2f} s/img, {r0.rows}x compute")
     rows = [list(col) for col in zip(*columns, strict=True)]
     row_labels = [f"{c}: {pipe.class_name(c)} (seed {s})" for c, s in zip(classes, seeds, strict=True)]
     comparison_grid(rows, labels, row_labels).save(args.out)
@@ -51,6 +72,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         status = "ok" if entry.available else f"missing files: {entry.missing_files()}"
         parts = ", ".join(entry.parts)
         print(f"{flag} {name:16s} [{parts}] {status}\n    {entry.description}")
+        names = entry.class_names
+        if not names:
+            continue
+        if args.classes is None:
+            sample = ", ".join(f"{i}: {names[i]}" for i in (0, 1, 207) if i < len(names))
+            print(f"    {len(names)} classes, e.g. {sample} (all: ccaserve models --classes, or --classes WORDS)")
+        else:
+            ids = match_classes(args.classes, names) if args.classes else range(len(names))
+            for i in ids:
+                print(f"    {i:5d}: {names[i]}")
     return 0
 
 
@@ -82,7 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_sample_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a class in several modes and write a side-by-side grid")
-    p.add_argument("--class", dest="classes", type=int_list, default=[207], help="class id(s), comma-separated")
+    p.add_argument("--class", dest="classes", default="207",
+                   help="class ids (207,360), a class name ('blue plain ring', 'golden retriever') or words of names "
+                        "('green ring': every green ring), comma-separated")
+    p.add_argument("--max-classes", type=int, default=16, help="at most this many classes when words match many")
     p.add_argument("--modes", default="free,cfg,cca,cca+cfg", help="comma-separated: free,cfg,cca,cca+cfg")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; later rows use seed+1, ...")
     p.add_argument("--out", default="grid.png")
@@ -98,7 +132,9 @@ def add_sample_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, choices=[256, 384, 512], default=None)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("models", help="list the models in the registry")
+    p = sub.add_parser("models", help="list the models in the registry and their class names")
+    p.add_argument("--classes", nargs="?", const="", default=None, metavar="WORDS",
+                   help="print every class name, or those matching WORDS ('green ring')")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("serve", help="HTTP API + Gradio UI (/ui) with a continuous-batching engine")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .classes import imagenet_class_names, resolve_class, resolve_classes
 from .family import ModelFamily, family_for
 from .generate import ImageJob, random_seeds, run_decoder
 from .images import to_pil
@@ -80,7 +81,12 @@ class Pipeline:
         self.family.tokenizer.eval()
         self.name = name
         self.num_classes = gpt.config.num_classes
-        self.class_names = list(class_names) if class_names else None
+        if class_names:
+            self.class_names: list[str] | None = list(class_names)
+        elif self.num_classes == 1000:  # a real ImageNet checkpoint: its classes have names
+            self.class_names = list(imagenet_class_names())
+        else:
+            self.class_names = None
         self.default_cfg_scale = default_cfg_scale
         self.compile = compile  # torch.compile the decoding step (for CUDA)
 
@@ -121,6 +127,14 @@ class Pipeline:
         if self.class_names and 0 <= class_id < len(self.class_names):
             return self.class_names[class_id]
         return f"class {class_id}"
+
+    def find_classes(self, query: str | int) -> list[int]:
+        """Every class a query means: an id, a name, or words of names ("green ring")."""
+        return resolve_classes(query, self.class_names, self.num_classes)
+
+    def resolve_class(self, query: str | int, field: str = "class") -> int:
+        """The one class a query means (InvalidRequest naming candidates when it means several)."""
+        return resolve_class(query, self.class_names, self.num_classes, field)
 
     def weights_for(self, mode: str) -> str:
         """The role (``base``, ``cca``, ``cca_cfg``) of the weights that run a mode here."""

@@ -84,6 +84,9 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     class_id: int = Field(207, alias="class", ge=0, description="class id in [0, num_classes - 1] of the model")
+    class_name: str | None = Field(None, max_length=200, description="the class by name instead of id: a whole "
+                                   "name or words of one ('golden retriever', 'red shaded triangle'); 422 lists "
+                                   "the candidates when several classes match")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image (random when omitted); "
                              "image i of a grid uses seed + i")
     cfg_scale: float | None = Field(None, ge=0.0, le=MAX_CFG_SCALE, allow_inf_nan=False,
@@ -146,17 +149,26 @@ class ModelInfo(BaseModel):
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def _validate(engine: Engine, p: SamplingParams) -> tuple[str, SamplingOptions]:
-    """The request's mode and options, checked by the core's own rules (the engine checks class and
-    seed on submit with the same functions); InvalidRequest becomes a 422 naming the field."""
+def _class_of(engine: Engine, p: _SamplingFields) -> int:
+    if p.class_name is None:
+        return p.class_id
+    if "class_id" in p.model_fields_set:
+        raise ApiError("class_name", "give class or class_name, not both")
+    return engine.pipeline.resolve_class(p.class_name, field="class_name")
+
+
+def _validate(engine: Engine, p: SamplingParams) -> tuple[int, str, SamplingOptions]:
+    """The request's class, mode and options, checked by the core's own rules (the engine checks
+    class and seed on submit with the same functions); InvalidRequest becomes a 422 naming the field."""
     pipe = engine.pipeline
+    class_id = _class_of(engine, p)
     mode = normalize_mode(pipe.default_mode if p.mode is None else p.mode)
     pipe.weights_for(mode)
     if p.seed is not None and p.seed + p.n - 1 > MAX_SEED:
         raise ApiError("seed", "seed + n - 1 exceeds the largest seed", allowed=f"[0, {MAX_SEED}]")
     opts = pipe.options_for(mode, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval, temperature=p.temperature,
                             top_k=p.top_k, top_p=p.top_p)
-    return mode, opts
+    return class_id, mode, opts
 
 
 async def _run(engine: Engine, request: Request, jobs: Sequence[tuple[int, str, int, SamplingOptions]]
@@ -256,9 +268,9 @@ def create_app(server: ModelServer) -> FastAPI:
     async def _generate(server: ModelServer, request: Request, p: SamplingParams) -> tuple[Engine, str,
                                                                                           list[ImageResult]]:
         engine = server.engine(p.model)
-        mode, opts = _validate(engine, p)
+        class_id, mode, opts = _validate(engine, p)
         try:
-            results = await _run(engine, request, [(p.class_id, mode, s, opts) for s in _seeds(p)])
+            results = await _run(engine, request, [(class_id, mode, s, opts) for s in _seeds(p)])
         except RequestCancelled:
             engine.stats.error("client_closed")
             return engine, mode, []
@@ -272,7 +284,7 @@ def create_app(server: ModelServer) -> FastAPI:
             return Response(status_code=499)
         img = results[0].image if len(results) == 1 else image_grid([r.image for r in results], min(4, len(results)))
         headers = {"X-Seed": ",".join(str(r.seed) for r in results), "X-Mode": mode,
-                   "X-Class-Name": engine.pipeline.class_name(params.class_id),
+                   "X-Class-Name": engine.pipeline.class_name(results[0].class_id).encode("ascii", "replace").decode(),
                    "X-Latency-S": f"{max(r.latency_s for r in results):.4f}",
                    "X-Queue-Wait-S": f"{max(r.queue_wait_s for r in results):.4f}",
                    "X-Rows-X-Steps": ",".join(str(r.rows_x_steps) for r in results)}
@@ -291,11 +303,11 @@ def create_app(server: ModelServer) -> FastAPI:
     async def compare(server: Server, request: Request, params: Annotated[CompareParams, Query()]) -> Any:
         engine = server.engine(params.model)
         pipe = engine.pipeline
-        class_id, seed = params.class_id, params.seed
+        class_id, seed = _class_of(engine, params), params.seed
         jobs = []
         for mode in pipe.modes:
-            p = SamplingParams(**params.model_dump(exclude={"format"}), mode=mode)
-            m, opts = _validate(engine, p)
+            p = SamplingParams(**params.model_dump(exclude={"format", "class_name", "class_id"}), mode=mode)
+            _, m, opts = _validate(engine, p)
             jobs.append((class_id, m, seed, opts))
         try:
             results = await _run(engine, request, jobs)

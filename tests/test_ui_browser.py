@@ -52,16 +52,33 @@ def test_ui_renders_four_modes(tmp_path):
             assert images.count() == 4
             for i in range(4):  # really rendered, not just present
                 assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
-            # the live stats view catches up with the four images (it refreshes every 2 s)
-            page.wait_for_function("/all\\s+4\\s/.test(document.querySelector('#stats-box').innerText)",
+            # each panel says its relative compute and its own time; the heading names the class
+            labels = page.locator("[id^=image-] label, [id^=image-] [data-testid=block-label]").all_inner_texts()
+            text = " ".join(labels)
+            assert "1x compute" in text and "2x compute" in text and text.count("compute · ") == 4, text
+            assert "0: thing 0" in page.locator("#heading").inner_text()
+            assert "one forward pass per token" in page.content()
+            # the live stats view catches up with the sixteen images (it refreshes every 2 s)
+            page.wait_for_function("/all\\s+16\\s/.test(document.querySelector('#stats-box').innerText)",
                                    timeout=30000)
             page.screenshot(path=str(ARTIFACTS / "ui_four_modes.png"), full_page=True)
+            # a changed input clears the heading; a bad one is shown in the panels, not a vanishing toast
+            page.get_by_label("first seed").fill("5")
+            page.get_by_label("first seed").press("Enter")
+            page.wait_for_function("!document.querySelector('#heading').innerText.includes('thing 0')",
+                                   timeout=30000)
+            class_box = page.get_by_label("class (type an id, a name or words)")
+            class_box.fill("purple unicorn")
+            class_box.press("Enter")
+            page.click("#generate-button")
+            page.wait_for_function("document.querySelector('#heading').innerText.includes('no class named')",
+                                   timeout=30000)
         finally:
             browser.close()
     stats = engine.stats.snapshot()
     engine.close()
     assert {m: stats["modes"][m]["images"] for m in ("free", "cfg", "cca", "cca+cfg")} == \
-        {"free": 1, "cfg": 1, "cca": 1, "cca+cfg": 1}
+        {"free": 4, "cfg": 4, "cca": 4, "cca+cfg": 4}
     assert (ARTIFACTS / "ui_four_modes.png").stat().st_size > 10000
     assert httpx  # the API keeps working beside the UI (checked in test_server)
 

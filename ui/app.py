@@ -1,12 +1,15 @@
 """Gradio UI, mounted on the FastAPI app at /ui: the four modes side by side, and live /stats.
 
 It calls the same engine as the HTTP API (in-process), so its images share the running batch
-with API traffic and appear in /stats.
+with API traffic, pass the same checks and appear in /stats. Each mode shows a small grid of
+seeds (the rate of right images, not one lucky draw), its relative compute and its own time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -14,74 +17,96 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from samplers.images import image_grid  # noqa: E402
+from samplers.modes import MODES_TABLE, InvalidRequest  # noqa: E402
 from server.engine import Engine, QueueFull  # noqa: E402
+
+log = logging.getLogger("ccaserve.ui")
+
+SEEDS_PER_MODE = 4  # a 2 x 2 grid per mode
+PANEL_PX = 256
 
 _CSS = """
 .mode-image img { image-rendering: pixelated; }
 #stats-box { font-size: 12px; }
 """
 
+EXPLAINER = (
+    "**CFG** (classifier-free guidance) runs the model twice per token, once with the class and once "
+    "without, and mixes the two: twice the compute. **CCA** (condition contrastive alignment) is a "
+    "fine-tune of the same model that samples without guidance, one forward pass per token, and aims to "
+    "look as good as CFG. `free` is the base model unguided; `cca+cfg` guides the CCA model."
+)
+
+
+class InputError(Exception):
+    """A mistake in the UI's inputs: shown in the panels, logged in one line."""
+
 
 def parse_class(text: str | int | float | None, engine: Engine) -> int:
-    """A class from '207', '207: red shaded triangle' or a name such as 'red shaded triangle'."""
-    pipe = engine.pipeline
+    """A class from '207', '207: red shaded triangle', a name, or words of one ('green ring' takes the
+    first match)."""
     if text is None or str(text).strip() == "":
-        raise gr.Error("pick a class (an id or a name)")
-    s = str(text).strip()
-    head = s.split(":", 1)[0].strip()
-    if head.lstrip("-").isdigit():
-        class_id = int(head)
-    else:
-        names = [n.lower() for n in (pipe.class_names or [])]
-        key = s.lower()
-        matches = [i for i, n in enumerate(names) if n == key] or [i for i, n in enumerate(names) if key in n]
-        if not matches:
-            raise gr.Error(f"no class named {s!r}")
-        class_id = matches[0]
-    return class_id  # its range is checked by the engine on submit, as for every caller
+        raise InputError("pick a class (an id or a name)")
+    try:
+        return engine.pipeline.find_classes(str(text))[0]
+    except InvalidRequest as e:
+        raise InputError(str(e)) from None
 
 
-def render_modes(engine: Engine, class_text: Any, seed: float, cfg_scale: float, temperature: float,
-                 top_k: float) -> list[Any]:
-    """Submit every mode at once (they batch together), wait, and caption each with its cost."""
+def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, temperature: Any,
+                 top_k: Any) -> list[Any]:
+    """Each mode in turn (so each mode's time is its own), a grid of seeds per mode."""
     pipe = engine.pipeline
-    class_id = parse_class(class_text, engine)
-    try:  # the engine's own check, the one the HTTP API gets: a bad value is this call's error alone
-        seed = int(seed)
-        requests = engine.submit_many([
-            (class_id, mode, seed, pipe.options_for(mode, cfg_scale=float(cfg_scale), temperature=float(temperature),
-                                                    top_k=int(top_k)))
-            for mode in pipe.modes])
-    except (ValueError, TypeError, OverflowError) as e:
-        raise gr.Error(str(e)) from None
-    except QueueFull as e:
-        raise gr.Error(f"the server is busy: {e}") from None
+    try:
+        class_id = parse_class(class_text, engine)
+        results = {}
+        for mode in pipe.modes:
+            try:  # the engine's own check, the one the HTTP API gets: a bad value fails this call alone
+                first = int(seed)
+                opts = pipe.options_for(mode, cfg_scale=float(cfg_scale), temperature=float(temperature),
+                                        top_k=int(top_k))
+                start = time.perf_counter()
+                reqs = engine.submit_many([(class_id, mode, first + i, opts) for i in range(SEEDS_PER_MODE)])
+            except (ValueError, TypeError, OverflowError) as e:
+                raise InputError(str(e)) from None
+            except QueueFull as e:
+                raise InputError(f"the server is busy, try again shortly ({e})") from None
+            images = [r.future.result(timeout=engine.request_timeout_s) for r in reqs]
+            results[mode] = (images, time.perf_counter() - start)
+    except InputError as e:
+        log.warning("UI input rejected: %s", e)
+        return [f"### ⚠ {e}", *[gr.update(value=None, label=f"{m}: not generated") for m in pipe.modes]]
     out: list[Any] = []
-    for req in requests:
-        r = req.future.result(timeout=engine.request_timeout_s)
-        shown = r.image.resize((256, 256), Image.NEAREST) if r.image.width < 256 else r.image
-        scale = "" if r.options.cfg_scale == 1 else f" · s={r.options.cfg_scale:g}"
-        label = f"{r.mode} · {r.latency_s:.2f} s · {r.rows_x_steps} rows×steps{scale}"
-        out.append(gr.update(value=shown, label=label))
-    title = f"### {class_id}: {pipe.class_name(class_id)} — seed {seed}"
+    for mode, (images, seconds) in results.items():
+        grid = image_grid([r.image for r in images], 2)
+        side = max(grid.width, PANEL_PX)
+        shown = grid.resize((side, side * grid.height // grid.width), Image.NEAREST)
+        opts = images[0].options
+        scale = f" s={opts.cfg_scale:g}" if opts.guided else ""
+        out.append(gr.update(value=shown, label=f"{mode}{scale} · {opts.rows}x compute · {seconds:.2f} s"))
+    title = (f"### {class_id}: {pipe.class_name(class_id)} · seeds {int(seed)}–{int(seed) + SEEDS_PER_MODE - 1}, "
+             f"one grid per mode; times are each mode's own, for its {SEEDS_PER_MODE} images")
     return [title, *out]
 
 
 def stats_markdown(engine: Engine) -> str:
     snap = engine.stats.snapshot()
-    rows = ["| mode | images | img/s (1 min) | tok/s (1 min) | p50 s | p95 s | rows×steps / img |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| mode | images | images/s (last min) | tokens/s (last min) | median latency s | p95 latency s "
+            "| compute per image |", "|---|---|---|---|---|---|---|"]
     for mode, b in {**snap["modes"], "all": snap["overall"]}.items():
         lat = b["latency_s"]
+        cost = f"{MODES_TABLE[mode].rows_per_image}x" if mode in MODES_TABLE else "-"
         rows.append(f"| {mode} | {b['images']} | {b['images_per_s_last_minute']:.3f} | "
                     f"{b['tokens_per_s_last_minute']:.1f} | {lat['p50'] if lat['p50'] is not None else '-'} | "
-                    f"{lat['p95'] if lat['p95'] is not None else '-'} | {b['rows_x_steps_per_image'] or '-'} |")
-    occ = ", ".join(f"{k}: {v['mean_rows_per_step']} rows/step" for k, v in snap["batch_occupancy"].items())
+                    f"{lat['p95'] if lat['p95'] is not None else '-'} | {cost} |")
+    busy = ", ".join(f"{n} of {engine.max_rows} for the {role} weights" for role, n in engine.rows_in_use().items())
+    occ = ", ".join(f"{v['mean_rows_per_step']} for the {k} weights" for k, v in snap["batch_occupancy"].items())
     sysinfo = snap["system"]
     rows.append("")
-    rows.append(f"queue {engine.queue_length()}/{engine.max_queue} · rows in use {engine.rows_in_use()} · "
-                f"occupancy {occ or '-'} · {sysinfo['device']}, rss {sysinfo.get('rss_mb', '?')} MB · "
-                f"uptime {snap['uptime_s']:.0f} s")
+    rows.append(f"Waiting requests: {engine.queue_length()} (at most {engine.max_queue}). Batch rows busy now: "
+                f"{busy}. Average rows per step: {occ or 'none yet'}. Device {sysinfo['device']}, memory "
+                f"{sysinfo.get('rss_mb', '?')} MB, up {snap['uptime_s']:.0f} s.")
     return "\n".join(rows)
 
 
@@ -91,26 +116,29 @@ def build_ui(engine: Engine) -> gr.Blocks:
     choices = [f"{i}: {n}" for i, n in enumerate(names)]
     default_class = choices[207] if len(choices) > 207 else choices[0]
     with gr.Blocks(title="ccaserve: CCA vs CFG") as demo:
-        gr.Markdown(f"## ccaserve · {pipe.name} · {pipe.image_size}px · CCA vs CFG side by side\n"
-                    "`free` and `cca` cost one row per step, `cfg` and `cca+cfg` two (cond + uncond).")
+        gr.Markdown(f"## ccaserve · {pipe.name} · {pipe.image_size} px · CCA vs CFG side by side\n{EXPLAINER}")
         with gr.Row():
-            class_box = gr.Dropdown(choices, value=default_class, label="class (type an id or a name)",
+            class_box = gr.Dropdown(choices, value=default_class, label="class (type an id, a name or words)",
                                     filterable=True, allow_custom_value=True, scale=3)
-            seed = gr.Number(value=0, precision=0, minimum=0, label="seed", scale=1)
+            seed = gr.Number(value=0, precision=0, minimum=0, label="first seed", scale=1)
             cfg = gr.Slider(1.0, 10.0, value=pipe.default_cfg_scale, step=0.25, label="CFG scale", scale=2)
             temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature", scale=2)
             topk = gr.Number(value=0, precision=0, minimum=0, label="top-k (0 = off)", scale=1)
         button = gr.Button("Generate the four modes", variant="primary", elem_id="generate-button")
-        title = gr.Markdown()
+        title = gr.Markdown("### Pick a class and press Generate", elem_id="heading")
         with gr.Row():
-            images = [gr.Image(label=m, type="pil", height=260, elem_classes=["mode-image"], interactive=False,
+            images = [gr.Image(label=m, type="pil", height=300, elem_classes=["mode-image"], interactive=False,
                                elem_id=f"image-{m.replace('+', '-')}") for m in pipe.modes]
-        with gr.Accordion("live /stats", open=True):
+        with gr.Accordion("live statistics (/stats)", open=True):
             stats = gr.Markdown(stats_markdown(engine), elem_id="stats-box")
-        button.click(lambda *a: render_modes(engine, *a), [class_box, seed, cfg, temp, topk], [title, *images],
-                     concurrency_limit=8, api_name="generate")
+        inputs = [class_box, seed, cfg, temp, topk]
+        button.click(lambda *a: render_modes(engine, *a), inputs, [title, *images], concurrency_limit=8,
+                     api_name="generate")
+        for box in inputs:  # the heading describes the images shown, not inputs not yet generated
+            box.change(lambda: "### Inputs changed: press Generate", None, title, show_progress="hidden",
+                       api_name=False)
         timer = gr.Timer(2.0)
-        timer.tick(lambda: stats_markdown(engine), None, stats, show_progress="hidden")
+        timer.tick(lambda: stats_markdown(engine), None, stats, show_progress="hidden", api_name=False)
     return demo
 
 
