@@ -172,3 +172,16 @@ def test_stats_count_requests_not_images(models):
         cca = httpx.get(f"{server.url}/stats").json()["modes"]["cca"]
         assert cca["requests"] == 1 and cca["images"] == 4
     engine.close()
+
+
+def test_mounted_ui_does_not_spin_when_idle(live):
+    """Gradio's queue polls every 1 ms by default on Linux (8% of a core, idle); ours waits 50 ms."""
+    from ui.app import IDLE_POLL_S, mount_ui
+
+    server, engine = live
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    mount_ui(app, engine)
+    demo = next(r.app for r in app.routes if getattr(r, "path", None) == "/ui").blocks
+    assert demo._queue.sleep_when_free == IDLE_POLL_S >= 0.05

@@ -156,9 +156,10 @@ def test_code_data_llamagen_layout_round_trip(tmp_path):
     assert np.load(tmp_path / "lg" / "shapes_codes" / "3.npy").shape == (1, 1, 16)
     for loaded in (CodeData.load(tmp_path / "codes.npz"), CodeData.load(tmp_path / "lg")):
         assert torch.equal(loaded.codes, data.codes) and torch.equal(loaded.labels, data.labels)
-    # LlamaGen's ten-crop files [1, 10, T]: the first crop is used
+    # one file with ten crops among single-view files: a broken extraction, said so
     np.save(tmp_path / "lg" / "shapes_codes" / "0.npy", np.stack([data.codes[0].numpy()] * 10)[None])
-    assert torch.equal(CodeData.load(tmp_path / "lg" / "shapes_codes").codes[0], data.codes[0])
+    with pytest.raises(ValueError, match="different numbers of augmentations"):
+        CodeData.load(tmp_path / "lg" / "shapes_codes")
     with pytest.raises(FileNotFoundError):
         CodeData.load(tmp_path / "nothing")
 
@@ -243,3 +244,26 @@ def test_train_all_quick_then_eval(tmp_path):
         assert e["rows_per_image"] == (2 if e["mode"] in ("cfg", "cca+cfg") else 1)
     assert report["noise"]["runs"] == 2
     assert (ev / "default.md").read_text().count("\n|") >= 8 and (ev / "default_fid_is.png").stat().st_size > 1000
+
+
+def test_ten_crop_code_folders_draw_a_random_stored_augmentation(tmp_path):
+    """LlamaGen's --ten-crop extraction stores [1, 10, T] per image; index 0 is a corner crop, so
+    training must draw among all ten per item, as LlamaGen's dataset does."""
+    import numpy as np
+
+    n, aug, t = 6, 10, 4
+    (tmp_path / "in_codes").mkdir()
+    (tmp_path / "in_labels").mkdir()
+    for i in range(n):  # code value = 100 * image + augmentation, so every draw says where it came from
+        np.save(tmp_path / "in_codes" / f"{i}.npy",
+                (100 * i + np.arange(aug))[None, :, None].repeat(t, axis=2).astype(np.int64))
+        np.save(tmp_path / "in_labels" / f"{i}.npy", np.array([i % 3]))
+    data = CodeData.load(tmp_path)
+    assert data.augmentations.shape == (n, aug, t) and data.codes[:, 0].tolist() == [100 * i for i in range(n)]
+    seen: dict[int, set[int]] = {i: set() for i in range(n)}
+    for codes, labels in data.batches(3, seed=0, epochs=40):
+        for row, label in zip(codes.tolist(), labels.tolist(), strict=True):
+            image, view = divmod(row[0], 100)
+            assert row == [row[0]] * t and label == image % 3  # one whole stored view, its own label
+            seen[image].add(view)
+    assert all(len(views) >= 8 for views in seen.values())  # ~40 draws each over 10 views

@@ -33,13 +33,25 @@ from .losses import contrastive_pairs, next_token_loss, preference_loss, reward_
 
 # ---- data ----------------------------------------------------------------------------------
 class CodeData:
-    """Pre-extracted image codes [N, T] (int64) and labels [N]."""
+    """Pre-extracted image codes [N, T] (int64) and labels [N].
 
-    def __init__(self, codes: np.ndarray, labels: np.ndarray):
+    ``augmentations`` [N, A, T], when given, holds A stored augmentations of each image (LlamaGen's
+    ``--ten-crop`` / flip extractions); ``batches`` then draws one of them per item at random, as
+    LlamaGen's dataset does, and ``codes`` is augmentation 0 (for uses that need one fixed view).
+    """
+
+    def __init__(self, codes: np.ndarray, labels: np.ndarray, augmentations: np.ndarray | None = None):
         if codes.ndim != 2 or labels.ndim != 1 or len(codes) != len(labels):
             raise ValueError(f"expected codes [N, T] and labels [N], got {codes.shape} and {labels.shape}")
         self.codes = torch.from_numpy(np.ascontiguousarray(codes).astype(np.int64))
         self.labels = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+        self.augmentations = None
+        if augmentations is not None:
+            shape = augmentations.shape
+            if augmentations.ndim != 3 or shape[0] != len(codes) or shape[2] != codes.shape[1]:
+                raise ValueError(f"expected augmentations [N, A, T], got {augmentations.shape}")
+            small = np.int16 if augmentations.max() < 32768 else np.int32  # ten crops of ImageNet: keep it compact
+            self.augmentations = torch.from_numpy(np.ascontiguousarray(augmentations).astype(small))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,8 +63,10 @@ class CodeData:
     @classmethod
     def load(cls, path: str | Path) -> CodeData:
         """A ``.npz`` with ``codes`` and ``labels``, or a LlamaGen code folder (the one holding
-        ``<name>_codes/`` and ``<name>_labels/``, or a ``*_codes`` folder itself). For LlamaGen files
-        with several augmentations per image the first (un-flipped centre crop) is used."""
+        ``<name>_codes/`` and ``<name>_labels/``, or a ``*_codes`` folder itself). Files with several
+        augmentations per image ([1, A, T], e.g. the authors' ``..._flip_ten_crop`` extraction, where
+        index 0 is TenCrop's top-left crop, not a centre crop) keep all of them: training draws one
+        at random per item and epoch, as LlamaGen's dataset does."""
         path = Path(path)
         if path.suffix == ".npz":
             with np.load(path) as data:
@@ -68,10 +82,15 @@ class CodeData:
         ids = sorted(int(p.stem) for p in code_dir.glob("*.npy"))
         if not ids:
             raise FileNotFoundError(f"{code_dir} holds no .npy files")
-        # [1, n_aug, T] or [1, T]: keep the first augmentation of each file
-        codes = [_first_row(np.load(code_dir / f"{i}.npy")) for i in ids]
-        labels = [int(np.load(label_dir / f"{i}.npy").reshape(-1)[0]) for i in ids]
-        return cls(np.stack(codes), np.asarray(labels))
+        # [1, n_aug, T] or [1, T] per file
+        views = [np.load(code_dir / f"{i}.npy") for i in ids]
+        views = [v.reshape(-1, v.shape[-1]) for v in views]
+        counts = {len(v) for v in views}
+        if len(counts) != 1:
+            raise ValueError(f"{code_dir}: files hold different numbers of augmentations {sorted(counts)}")
+        labels = np.asarray([int(np.load(label_dir / f"{i}.npy").reshape(-1)[0]) for i in ids])
+        stacked = np.stack(views)  # [N, A, T]
+        return cls(stacked[:, 0], labels, stacked if stacked.shape[1] > 1 else None)
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, codes=self.codes.numpy().astype(np.int16 if self.codes.max() < 32768 else np.int32),
@@ -98,12 +117,12 @@ class CodeData:
                 if total is not None and done >= total:
                     return
                 idx = order[start : start + batch_size]
-                yield self.codes[idx], self.labels[idx]
+                if self.augmentations is None:
+                    yield self.codes[idx], self.labels[idx]
+                else:  # one stored augmentation per item, drawn anew each time it is seen
+                    pick = torch.randint(self.augmentations.shape[1], (len(idx),), generator=gen)
+                    yield self.augmentations[idx, pick].long(), self.labels[idx]
                 done += 1
-
-
-def _first_row(arr: np.ndarray) -> np.ndarray:
-    return arr.reshape(-1, arr.shape[-1])[0]
 
 
 # ---- shared loop pieces ---------------------------------------------------------------------
