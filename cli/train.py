@@ -19,7 +19,9 @@ import torch
 
 from evaluation import evaluate
 from samplers.checkpoint import load_gpt, load_vq, save_pretrained
+from samplers.gpt import GPT_PRESETS
 from training import shapes
+from training.recipes import PAPER_LLAMAGEN, RECIPES, cca_recipe, describe
 from training.trainers import (
     CCATrainArgs,
     CodeData,
@@ -61,16 +63,35 @@ def cmd_train_gpt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cca_args(args: argparse.Namespace) -> CCATrainArgs:
-    return CCATrainArgs(loss=args.loss, lam=args.lam, beta=args.beta, uncond_ratio=args.uncond_ratio, lr=args.lr,
-                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps,
-                        dropout=args.dropout)
+_RECIPE_FLAGS = ("lam", "beta", "uncond_ratio", "lr", "epochs", "batch_size", "dropout", "lr_schedule",
+                 "weight_decay", "accumulate")
+
+
+def _preset_of(model: torch.nn.Module) -> str | None:
+    c = model.config
+    return next((name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (c.dim, c.n_layer)), None)
+
+
+def cca_args_from(args: argparse.Namespace, ref: torch.nn.Module) -> tuple[CCATrainArgs, str]:
+    """The fine-tune's settings: the recipe's (the paper's row for a LlamaGen preset; the toy one
+    for anything else), then every flag given explicitly. Returns them with a line describing them."""
+    preset = args.recipe_model or _preset_of(ref)
+    recipe = args.recipe if args.recipe != "auto" else ("paper" if preset in PAPER_LLAMAGEN else "toy")
+    settings = cca_recipe(recipe, preset, args.target)
+    overrides = {k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None}
+    settings.update(overrides)
+    line = describe(recipe, preset, args.target, settings)
+    if overrides:
+        line += f" (set by flags: {', '.join(sorted(overrides))})"
+    return CCATrainArgs(loss=args.loss, seed=args.seed, max_steps=args.max_steps, **settings), line
 
 
 def cmd_train_cca(args: argparse.Namespace) -> int:
     ref = load_gpt(args.ref, args.gpt_model, args.image_size)
+    cca_args, line = cca_args_from(args, ref)
+    print(line, flush=True)
     data = CodeData.load(args.codes)
-    model = train_cca(args.out, ref, data, _cca_args(args), setup=_run_setup(args))
+    model = train_cca(args.out, ref, data, cca_args, setup=_run_setup(args))
     if model is not None:  # rank 0
         print(f"wrote {args.out}")
     return 0
@@ -109,12 +130,10 @@ RECIPE: dict[str, Any] = {
     # 200 steps x 32 images (6400 of the 50k), not the paper's full epoch: a CPU budget. beta 0.1, not the
     # published 0.02: with 0.02 (lambda 50, lr 1e-5 or 1e-4) the short run lowered quality (FID 116 and 431
     # vs 109 for the base); see docs/eval/README.md
-    "cca": {"lam": 10.0, "beta": 0.1, "uncond_ratio": 0.1, "lr": 5e-5, "epochs": 1.0, "batch_size": 32,
-            "max_steps": 200},
+    "cca": {**cca_recipe("toy", None, "cca"), "max_steps": 200},
     "sweep_lambdas": [3.0, 10.0, 30.0],
     # the model the cca+cfg mode guides: the paper tunes it apart, with lambda 1 and beta 0.1
-    "cca_cfg": {"lam": 1.0, "beta": 0.1, "uncond_ratio": 0.1, "lr": 5e-5, "epochs": 1.0, "batch_size": 32,
-                "max_steps": 200},
+    "cca_cfg": {**cca_recipe("toy", None, "cca+cfg"), "max_steps": 200},
     "evalnet": {"steps": 1500, "pool_size": 20000},
     "evalnet_heldout": 2000,
     "gpt_config": {},  # overrides of training.trainers.DEFAULT_GPT_CONFIG
@@ -247,18 +266,36 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", required=True, help="base model: safetensors dir or LlamaGen .pt (also the init)")
     p.add_argument("--codes", required=True, help=".npz or LlamaGen code folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--loss", choices=["cca", "dpo", "unlearn"], default="cca")
-    p.add_argument("--lambda", dest="lam", type=float, default=RECIPE["cca"]["lam"])
-    p.add_argument("--beta", type=float, default=RECIPE["cca"]["beta"])
-    p.add_argument("--uncond-ratio", type=float, default=RECIPE["cca"]["uncond_ratio"])
-    p.add_argument("--lr", type=float, default=RECIPE["cca"]["lr"])
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=RECIPE["cca"]["batch_size"])
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dropout", action="store_true",
-                   help="keep the model's dropout on while fine-tuning (policy and reference alike, independent "
-                        "masks), as the paper does for LlamaGen; off by default (the shipped model has none)")
+    p.add_argument("--loss", choices=["cca", "dpo", "unlearn"], default="cca",
+                   help="cca (the paper's loss), or its baselines dpo and unlearn")
+    g = p.add_argument_group("recipe (printed at start; any flag below given explicitly overrides it)")
+    g.add_argument("--recipe", choices=["auto", *RECIPES], default="auto",
+                   help="paper: Table 4 of the paper for the model's LlamaGen preset (beta 0.02, lambda "
+                        "1000/300/1000/1000/500 for B/L/XL/XXL/3B, lr 1e-5, batch 256, dropout on, one epoch); "
+                        "authors-code: the same with the authors' code's constant lr, weight decay 0.05 and "
+                        "summed micro-batch losses; toy: the embedded default model's; auto (default): paper for "
+                        "a LlamaGen preset, else toy")
+    g.add_argument("--recipe-model", default=None, choices=sorted(PAPER_LLAMAGEN),
+                   help="which Table 4 row (default: --ref's preset, from its shapes)")
+    g.add_argument("--target", choices=["cca", "cca+cfg"], default="cca",
+                   help="tune the guidance-free model (cca) or the one the cca+cfg mode guides (lambda 1)")
+    g.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the negative term")
+    g.add_argument("--beta", type=float, default=None, help="scale of the implicit reward")
+    g.add_argument("--uncond-ratio", type=float, default=None, help="share of rows made unconditional")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None,
+                   help="cosine decay (ours) or constant (the authors' code)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (ours 0, authors' 0.05)")
+    g.add_argument("--accumulate", choices=["mean", "sum"], default=None,
+                   help="micro-batch losses averaged (ours) or summed (the authors' code) over --grad-accum")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the codes")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch: over all ranks and --grad-accum micro-batches (paper: 256)")
+    g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the model's dropout on while fine-tuning (policy and reference alike), as the paper "
+                        "does for LlamaGen")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--seed", type=int, default=0, help="data order and unconditional rows")
     p.add_argument("--gpt-model", default=None, help="GPT preset of --ref when it is a LlamaGen .pt")
     p.add_argument("--image-size", type=int, default=None)
     _add_run_setup_args(p)

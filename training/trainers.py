@@ -310,6 +310,7 @@ Micro = tuple[torch.Tensor, ...]
 
 def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, steps: int, lr: float,
          weight_decay: float, schedule: Schedule, setup: RunSetup, args: dict[str, Any], out_dir: Path | None,
+         accumulate: str = "mean",
          generators: list[torch.Generator], split: Callable[[torch.Tensor, torch.Tensor, int], list[Micro]],
          loss_fn: Callable[[torch.nn.Module, Micro], tuple[torch.Tensor, dict[str, float]]],
          progress: bool, prepare: Callable[[distributed.DistEnv], None] | None = None) -> GPT | None:
@@ -356,7 +357,7 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
         for i, mb in enumerate(micro):
             with distributed.grad_sync(model, enabled=i == len(micro) - 1), _autocast(env, setup.precision):
                 loss, metrics = loss_fn(model, tuple(t.to(env.device) for t in mb))
-                (loss / setup.grad_accum).backward()
+                (loss if accumulate == "sum" else loss / setup.grad_accum).backward()
             logged.append({"loss": loss.item(), **metrics})
         local = {k: _nanmean([m[k] for m in logged]) for k in logged[0]}
         return distributed.mean_metrics(env, local)
@@ -452,17 +453,21 @@ def train_gpt(out_dir: str | Path | None, data: CodeData, config: dict[str, Any]
 # ---- CCA / DPO / unlearning fine-tuning --------------------------------------------------
 @dataclass
 class CCATrainArgs:
+    """Defaults: the paper's settings for LlamaGen GPT-B (Table 4); ``training.recipes`` has every row."""
+
     loss: str = "cca"
-    lam: float = 50.0
+    lam: float = 1000.0
     beta: float = 0.02
     uncond_ratio: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-5
     epochs: float = 1.0
-    batch_size: int = 64  # global: over all ranks and accumulation steps
+    batch_size: int = 256  # global: over all ranks and accumulation steps
     weight_decay: float = 0.0
     seed: int = 0
     max_steps: int | None = None
-    dropout: bool = False  # the paper keeps the model's dropout on for LlamaGen ("keep_dropout")
+    dropout: bool = True  # the paper keeps the model's dropout on for LlamaGen ("keep_dropout")
+    lr_schedule: str = "cosine"  # or "constant", as the authors' code
+    accumulate: str = "mean"  # micro-batch losses averaged; "sum" as the authors' code
 
 
 def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATrainArgs | None = None,
@@ -515,10 +520,15 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
         loss = preference_loss(args.loss, pos_gap, neg_gap, flags, args.lam, args.beta)
         return loss, reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)
 
+    if args.lr_schedule not in ("cosine", "constant") or args.accumulate not in ("mean", "sum"):
+        raise ValueError(f"lr_schedule must be cosine or constant and accumulate mean or sum, got "
+                         f"{args.lr_schedule!r}, {args.accumulate!r}")
+    schedule = Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0) \
+        if args.lr_schedule == "cosine" else Schedule(steps, args.lr, warmup=0, min_lr_ratio=1.0)
     try:
         return _fit(f"train {args.loss}", policy, data, batch_size=args.batch_size, seed=args.seed, steps=steps,
-                    lr=args.lr, weight_decay=args.weight_decay,
-                    schedule=Schedule(steps, args.lr, warmup=max(1, steps // 20), min_lr_ratio=0.0), setup=setup,
+                    lr=args.lr, weight_decay=args.weight_decay, schedule=schedule, accumulate=args.accumulate,
+                    setup=setup,
                     args=asdict(args), out_dir=None if out_dir is None else Path(out_dir), generators=[gen],
                     split=split, loss_fn=loss_fn, progress=progress, prepare=prepare)
     finally:
