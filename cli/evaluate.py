@@ -244,14 +244,15 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_sample_fid)
 
-    p = sub.add_parser("fid", help="FID / IS / precision / recall of a sample npz against a reference npz "
+    p = sub.add_parser("fid", help="FID / sFID / IS / precision / recall of a sample npz against a reference npz "
                        "(ADM layout) with a local FID Inception-v3 weights file")
     p.add_argument("samples", help=".npz with arr_0 uint8 [N, H, W, 3] (e.g. from sample-fid)")
     p.add_argument("reference", help=".npz with arr_0 and/or mu, sigma (e.g. VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--inception", required=True,
                    help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); never downloaded")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--pr-n", type=int, default=10000, help="images per side for precision/recall (0: skip)")
+    p.add_argument("--pr-n", type=int, default=None,
+                   help="images per side for precision/recall (default: all of them, as ADM; 0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--quiet", action="store_true")

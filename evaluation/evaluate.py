@@ -188,18 +188,31 @@ def inception_score(log_probs: torch.Tensor) -> float:
     return float(torch.exp((p * (log_probs - log_marginal)).sum(1).mean()))
 
 
+PR_BLOCK = 5000  # rows of a distance block: 50k samples x 5k reference points stay near 1 GB
+
+
 def _knn_radii(feats: torch.Tensor, k: int) -> torch.Tensor:
-    d = torch.cdist(feats, feats)
-    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    """Distance of every point to its k-th nearest neighbour (itself excluded), a block of rows at a
+    time so that all of ADM's 50k samples fit."""
+    block = PR_BLOCK
+    return torch.cat([torch.cdist(feats[i : i + block], feats).kthvalue(k + 1, dim=1).values  # +1: itself
+                      for i in range(0, len(feats), block)])
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """For every point: is it inside some ball (centre, radius)?"""
+    block = PR_BLOCK
+    return torch.cat([(torch.cdist(points[i : i + block], centres) <= radii[None, :]).any(1)
+                      for i in range(0, len(points), block)])
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Kynkaanniemi et al. 2019: precision = share of samples inside the real manifold (union of
-    k-NN balls around real features); recall = share of real features inside the sample manifold."""
+    """Kynkaanniemi et al. 2019, on every feature given (as ADM's evaluator): precision = share of
+    samples inside the real manifold (union of k-NN balls around real features); recall = share of
+    real features inside the sample manifold."""
     real_r, fake_r = _knn_radii(real, k), _knn_radii(fake, k)
-    d = torch.cdist(fake, real)  # [n_fake, n_real]
-    precision = (d <= real_r[None, :]).any(1).float().mean()
-    recall = (d.T <= fake_r[None, :]).any(1).float().mean()
+    precision = _covered(fake, real, real_r).float().mean()
+    recall = _covered(real, fake, fake_r).float().mean()
     return float(precision), float(recall)
 
 

@@ -135,6 +135,9 @@ class InceptionE(nn.Module):  # 8x8, expanded filter banks
         ], 1)
 
 
+SPATIAL_CHANNELS = 7  # ADM's sFID keeps 7 of mixed_6/conv's 192 channels
+
+
 class FIDInception(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -158,15 +161,27 @@ class FIDInception(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] in [0, 1] -> (pool features [B, 2048], log-probs [B, 1008])."""
+        feats, logp, _ = self.features(images)
+        return feats, logp
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool features [B, 2048], log-probs [B, 1008], spatial features [B, 2023]).
+
+        The spatial features are ADM's for sFID: the first 7 channels of the TF graph's
+        ``mixed_6/conv`` (torchvision's Mixed_6d.branch1x1, after its ReLU), 17 x 17 x 7 values
+        flattened in (row, column, channel) order as ADM's NHWC tensor is."""
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        spatial = None
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            if block is self.Mixed_6d:
+                spatial = block.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
             x = block(x)
         feats = x.mean(dim=(2, 3))
-        return feats, torch.log_softmax(self.fc(feats), dim=1)
+        return feats, torch.log_softmax(self.fc(feats), dim=1), spatial
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInception:

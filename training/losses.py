@@ -3,8 +3,9 @@
 Notation follows the CCA paper: for image tokens x and class c,
 ``r(x, c) = log p_theta(x | c) - log p_ref(x | c)`` summed over the image's tokens (the implicit
 reward), with p_ref the frozen base model. Positives pair x with its own class; negatives pair
-it with the class of the next row in the batch (``torch.roll(labels, 1)``), as the public
-LlamaGen+CCA code does.
+it with the class of the previous row in the (micro-)batch: ``torch.roll(labels, 1)``, row i gets
+row i-1's class. The public LlamaGen+CCA code takes the next row's class instead; either pairing
+gives every image one mismatched class drawn from the batch, so the objective is the same.
 """
 
 from __future__ import annotations
