@@ -305,7 +305,7 @@ def time_llamagen(ref: torch.nn.Module, gpt: GPT, batch: int, cfg_scale: float, 
     """Best-of-``repeats`` seconds per image of LlamaGen's generate() and ours, alternating runs."""
     from autoregressive.models.generate import generate as llamagen_generate
 
-    from samplers.generate import generate
+    from samplers import generate
 
     device = gpt.device
     classes = torch.arange(batch, device=device) % gpt.config.num_classes

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .gpt import GPT, GPT_PRESETS, GPTConfig, build_gpt, image_size_to_block_size
+from .var import VAR, VARConfig
+from .var_vae import DEFAULT_PATCH_NUMS, VARVAE, VARVAEConfig
 from .vq import VQ_PRESETS, VQConfig, VQModel, build_vq
 
 WEIGHTS_FILE = "model.safetensors"
@@ -104,6 +106,9 @@ def _state_dict_from_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    trainer = obj.get("trainer")
+    if isinstance(trainer, dict):  # VAR's training files: ['trainer']['var_wo_ddp']; CCA's: ['trainer']
+        obj = trainer.get("var_wo_ddp") if isinstance(trainer.get("var_wo_ddp"), dict) else trainer
     for key in _LAYOUT_KEYS:
         if key in obj and isinstance(obj[key], dict):
             return obj[key]
@@ -130,13 +135,16 @@ def _clean(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
+    """``gpt`` / ``vq`` (LlamaGen) or ``var`` / ``var_vae`` (VAR), from the keys."""
     if "tok_embeddings.weight" in state:
         return "gpt"
+    if "class_emb.weight" in state and "pos_1LC" in state:
+        return "var"
     if "quantize.embedding.weight" in state:
-        return "vq"
+        return "var_vae" if "encoder.down.0.block.0.conv1.weight" in state else "vq"
     raise CheckpointError(
-        "not a LlamaGen GPT (no tok_embeddings.weight) nor VQ tokenizer (no quantize.embedding.weight); "
-        f"first keys: {sorted(state)[:8]}"
+        "not a LlamaGen GPT (tok_embeddings.weight) or VQ (quantize.embedding.weight), nor a VAR transformer "
+        f"(class_emb.weight, pos_1LC) or VAE (encoder.down.*); first keys: {sorted(state)[:8]}"
     )
 
 
@@ -361,13 +369,118 @@ def _check_gpt_config_fits(config: GPTConfig, state: dict[str, torch.Tensor], pa
 
 
 # --------------------------------------------------------------------------------------------
+# VAR: the multi-scale VQVAE and the next-scale transformer
+# --------------------------------------------------------------------------------------------
+def infer_var_vae_config(state: dict[str, torch.Tensor]) -> VARVAEConfig:
+    """The VAE's hyper-parameters from its tensors; the scales from ``ema_vocab_hit_SV`` (10 rows:
+    VAR's 1..16; K rows: the first K of them)."""
+    book = _shape(state, "quantize.embedding.weight")
+    conv_in = _shape(state, "encoder.conv_in.weight")
+    if book is None or conv_in is None:
+        raise CheckpointError("not a VAR VAE: quantize.embedding / encoder.conv_in missing")
+    ch = conv_in[0]
+    levels = _count_indexed(state, r"encoder\.down\.(\d+)\.")
+    mult = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)]
+    hits = _shape(state, "quantize.ema_vocab_hit_SV")
+    scales = hits[0] if hits else len(DEFAULT_PATCH_NUMS)
+    patch_nums = list(DEFAULT_PATCH_NUMS[:scales]) if scales <= len(DEFAULT_PATCH_NUMS) else None
+    if patch_nums is None:
+        raise CheckpointError(f"{scales} scales: pass a config.json with patch_nums")
+    shared = _count_indexed(state, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")
+    if shared == 0:
+        shared = 1 if "quantize.quant_resi.qresi.weight" in state else 0
+    quant = _shape(state, "quant_conv.weight")
+    return VARVAEConfig(
+        vocab_size=book[0], z_channels=book[1], ch=ch, ch_mult=mult,
+        num_res_blocks=_count_indexed(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        decoder_num_res_blocks=_count_indexed(state, r"decoder\.up\.0\.block\.(\d+)\."),
+        using_sa=f"encoder.down.{levels - 1}.attn.0.qkv.weight" in state,
+        using_mid_sa="encoder.mid.attn_1.qkv.weight" in state, patch_nums=patch_nums,
+        share_quant_resi=shared, quant_conv_ks=quant[-1] if quant else 3,
+    )
+
+
+def infer_var_config(state: dict[str, torch.Tensor], vae: VARVAE | None = None, depth: int | None = None) -> VARConfig:
+    """The transformer's hyper-parameters from its tensors: depth (blocks), width (class_emb),
+    heads (``scale_mul_1H11``, else head dim 64), classes, vocabulary; scales from the VAE."""
+    cls = _shape(state, "class_emb.weight")
+    head = _shape(state, "head.weight")
+    word = _shape(state, "word_embed.weight")
+    pos = _shape(state, "pos_1LC")
+    if cls is None or head is None or word is None or pos is None:
+        raise CheckpointError("not a VAR transformer: class_emb / head / word_embed / pos_1LC missing")
+    blocks = _count_indexed(state, r"blocks\.(\d+)\.")
+    if depth is not None and depth != blocks:
+        raise CheckpointError(f"depth {depth} asked for, the weights have {blocks} blocks")
+    width = cls[1]
+    scale_mul = _shape(state, "blocks.0.attn.scale_mul_1H11")
+    heads = scale_mul[1] if scale_mul else max(1, width // 64)
+    fc1 = _shape(state, "blocks.0.ffn.fc1.weight")
+    patch_nums = vae.patch_nums if vae is not None else list(DEFAULT_PATCH_NUMS)
+    if sum(p * p for p in patch_nums) != pos[1]:
+        raise CheckpointError(f"pos_1LC has {pos[1]} positions; the scales {patch_nums} give "
+                              f"{sum(p * p for p in patch_nums)}")
+    return VARConfig(depth=blocks, embed_dim=width, num_heads=heads, num_classes=cls[0] - 1, vocab_size=head[0],
+                     z_channels=word[1], patch_nums=list(patch_nums),
+                     mlp_ratio=(fc1[0] / width) if fc1 else 4.0, attn_l2_norm=scale_mul is not None,
+                     shared_aln="shared_ada_lin.1.weight" in state, cond_drop_rate=0.0,
+                     drop_path_rate=0.1 * blocks / 24)
+
+
+def load_var_vae(path: str | Path, config: VARVAEConfig | dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu") -> VARVAE:
+    """VAR's multi-scale VQVAE (``vae_ch160v4096z32.pth``, a safetensors dir, or a custom one); its
+    configuration comes from ``config``, config.json or the tensor shapes."""
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    kind = checkpoint_kind(state)
+    if kind != "var_vae":
+        raise CheckpointError(f"{path}: this is a {kind} checkpoint, not a VAR VAE")
+    if isinstance(config, dict):
+        config = _config_from(VARVAEConfig, config, path)
+    elif config is None:
+        config = _config_from(VARVAEConfig, _config_body(meta, "var_vae", path), path) if meta is not None \
+            else infer_var_vae_config(state)
+    hits = state.get("quantize.ema_vocab_hit_SV")
+    if hits is not None and hits.shape[0] != len(config.patch_nums):  # as VAR: a usage statistic, not a weight
+        state["quantize.ema_vocab_hit_SV"] = torch.zeros(len(config.patch_nums), config.vocab_size)
+    model = _materialize(lambda: VARVAE(config), state, "the VAR VAE config", "", None)
+    return model.to(device).eval()
+
+
+def load_var(path: str | Path, vae: VARVAE, depth: int | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None, config: VARConfig | dict[str, Any] | None = None) -> VAR:
+    """A VAR transformer (``var_d16.pth`` ... ``var_d30.pth``, ``VAR_d16_CCA.pth`` ..., training files,
+    safetensors dirs); depth and width from the tensor shapes. The model holds ``vae``: its next-scale
+    inputs are built from it."""
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    kind = checkpoint_kind(state)
+    if kind != "var":
+        raise CheckpointError(f"{path}: this is a {kind} checkpoint, not a VAR transformer")
+    if isinstance(config, dict):
+        config = _config_from(VARConfig, config, path)
+    elif config is None:
+        config = _config_from(VARConfig, _config_body(meta, "var", path), path) if meta is not None \
+            else infer_var_config(state, vae, depth)
+    model = _materialize(lambda: VAR(config), state, f"VAR (depth {config.depth}, width {config.embed_dim})",
+                         "", dtype)
+    try:
+        model.attach_vae(vae)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model.to(device=device).eval()
+
+
+# --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-def save_pretrained(model: GPT | VQModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_pretrained(model: GPT | VQModel | VAR | VARVAE, out_dir: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` to out_dir (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kind = "gpt" if isinstance(model, GPT) else "vq"
+    kind = {GPT: "gpt", VQModel: "vq", VAR: "var", VARVAE: "var_vae"}[type(model)]
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     meta = {"kind": kind, "config": model.config.to_dict(), **(extra or {})}
@@ -376,15 +489,24 @@ def save_pretrained(model: GPT | VQModel, out_dir: str | Path, extra: dict[str, 
 
 
 def convert(in_path: str | Path, out_dir: str | Path, preset: str | None = None,
-            image_size: int | None = None) -> tuple[str, Path]:
-    """Convert a LlamaGen/CCA .pt (GPT or VQ) into a safetensors directory; returns (kind, dir)."""
+            image_size: int | None = None, vae: str | Path | None = None) -> tuple[str, Path]:
+    """Convert a LlamaGen/CCA .pt (GPT or VQ) or a VAR .pth (transformer, with ``vae``, or VAE) into a
+    safetensors directory; returns (kind, dir)."""
     state, _ = read_checkpoint(in_path)
     kind = checkpoint_kind(state)
-    model = load_gpt(in_path, preset, image_size) if kind == "gpt" else load_vq(in_path, preset)
+    if kind == "var":
+        if vae is None:
+            raise CheckpointError(f"{in_path} is a VAR transformer: give its VAE too (--vae)")
+        model = load_var(in_path, load_var_vae(vae))
+    elif kind == "var_vae":
+        model = load_var_vae(in_path)
+    else:
+        model = load_gpt(in_path, preset, image_size) if kind == "gpt" else load_vq(in_path, preset)
     return kind, save_pretrained(model, out_dir, {"converted_from": Path(in_path).name})
 
 
 __all__ = [
-    "CheckpointError", "read_checkpoint", "load_gpt", "load_vq", "save_pretrained", "convert",
+    "CheckpointError", "read_checkpoint", "load_gpt", "load_vq", "load_var", "load_var_vae", "save_pretrained",
+    "convert", "infer_var_config", "infer_var_vae_config",
     "infer_gpt_config", "infer_vq_config", "fitting_gpt_presets", "build_gpt", "build_vq",
 ]

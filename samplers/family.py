@@ -19,13 +19,16 @@ type in ``FAMILIES``; nothing else in the core changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .generate import Decoder, ImageJob
+from .generate import Decoder, ImageJob, random_seeds, run_decoder
 from .gpt import GPT
 from .modes import SamplingOptions
+from .var import VAR, VARDecoder
+from .var_vae import VARVAE
 from .vq import VQModel
 
 
@@ -118,8 +121,37 @@ class LlamaGenFamily(ModelFamily):
         return self.grid_size * self.tokenizer.config.downsample
 
 
+class VARFamily(ModelFamily):
+    """VAR: next-scale prediction over a multi-scale VQVAE; one step is one scale."""
+
+    name = "var"
+    guidance_schedule = "linear"  # VAR's ramp over the scales, unless a request says constant
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        if not isinstance(model, VAR):
+            raise ValueError(f"the VAR family runs VAR models, got {type(model).__name__}")
+        model.attach_vae(self.tokenizer)  # raises when the scales, vocabulary or width differ
+
+    def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> VARDecoder:
+        return VARDecoder(model, max_rows, compile=compile)
+
+    @torch.inference_mode()
+    def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode_code(codes)
+
+    def tokens_per_image(self, model: torch.nn.Module) -> int:
+        return model.config.block_size
+
+    def steps_per_image(self, model: torch.nn.Module) -> int:
+        return model.config.num_scales
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+
 # Tokenizer type -> family; a new family adds its tokenizer here.
-FAMILIES: dict[type, type[ModelFamily]] = {VQModel: LlamaGenFamily}
+FAMILIES: dict[type, type[ModelFamily]] = {VQModel: LlamaGenFamily, VARVAE: VARFamily}
 
 
 def family_for(tokenizer: Any) -> ModelFamily:
@@ -130,4 +162,48 @@ def family_for(tokenizer: Any) -> ModelFamily:
                      f"{[k.__name__ for k in FAMILIES]}")
 
 
-__all__ = ["ModelFamily", "StepDecoder", "LlamaGenFamily", "FAMILIES", "family_for"]
+def decoder_for(model: torch.nn.Module, max_rows: int, compile: bool = False) -> StepDecoder:
+    """The decoding loop of a model's family (LlamaGen: a token per step; VAR: a scale per step)."""
+    if isinstance(model, VAR):
+        return VARDecoder(model, max_rows, compile=compile)
+    if isinstance(model, GPT):
+        return Decoder(model, max_rows, compile=compile)
+    raise ValueError(f"no model family runs a {type(model).__name__}")
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    classes: Sequence[int] | torch.Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+    cfg_schedule: str | None = None,
+    more_smooth: bool = False,
+    progress: bool = False,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Sample one image's tokens per class with any family's model: LongTensor [B, tokens].
+
+    One guidance convention: ``cfg_scale=1`` is unguided (one row per image), logits mix as
+    ``u + s (c - u)``; VAR models ramp the scale over their steps unless ``cfg_schedule="constant"``
+    (so VAR's own ``cfg=1.5`` is ``cfg_scale=2.5``). ``top_k=1`` is greedy; ``top_p=1`` is off.
+    ``seeds`` gives one seed per image (default: drawn from torch's global RNG); an image depends
+    only on the weights, its class, its seed and the options, never on the rest of the batch.
+    """
+    classes = classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)
+    seeds = random_seeds(len(classes)) if seeds is None else seeds
+    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p, cfg_schedule, more_smooth)
+    decoder = decoder_for(model, max(1, len(classes)) * options.rows, compile=compile)
+    steps = model.config.num_scales if isinstance(model, VAR) else model.config.block_size
+    jobs = run_decoder(decoder, classes, seeds, options, progress, steps)
+    return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=model.device)
+
+
+__all__ = ["ModelFamily", "StepDecoder", "LlamaGenFamily", "VARFamily", "FAMILIES", "family_for", "decoder_for",
+           "generate"]

@@ -4,10 +4,11 @@ One prefill of the class token, then one new token per step, over a static KV ca
 the conditional and unconditional rows of an image in one doubled batch and mixes their logits:
 ``uncond + s * (cond - uncond)``.
 
-``Decoder`` is the one decoding loop: images (1 row, or 2 with CFG) join between steps and leave
-when done, each at its own position. ``generate()`` puts a whole batch in at once; the server's
-engine feeds it continuously. An image depends only on (weights, class, seed, options): the
-sampling noise is a counter-based hash of (seed, token index), not a shared RNG stream.
+``Decoder`` is the LlamaGen family's decoding loop: images (1 row, or 2 with CFG) join between
+steps and leave when done, each at its own position. ``run_decoder`` (any family's decoder) puts a
+whole batch in at once, as ``samplers.generate()`` does; the server's engine feeds it continuously.
+An image depends only on (weights, class, seed, options): the sampling noise is a counter-based
+hash of (seed, token index), not a shared RNG stream.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .gpt import GPT, StepPositions
-from .modes import SamplingOptions, check_class, check_seed
+from .modes import InvalidRequest, SamplingOptions, check_class, check_seed
 
 _MASK32 = 0xFFFFFFFF
 
@@ -169,6 +170,11 @@ class Decoder:
         seed = check_seed(seed)
         if options.guided and not config.has_null_class:
             raise ValueError("this model has no null class (class_dropout_prob = 0): CFG is unavailable")
+        if options.more_smooth:
+            raise InvalidRequest("more_smooth", "more_smooth is VAR's option; this is a LlamaGen model")
+        if options.cfg_schedule == "linear":
+            raise InvalidRequest("cfg_schedule", "LlamaGen models guide every token alike (cfg_schedule constant); "
+                                 "use cfg_interval to guide the first tokens only", allowed=["constant"])
         job = ImageJob(class_id, seed, options, tag=tag)
         need = options.rows
         if need > self.free_rows():
@@ -298,32 +304,3 @@ def run_decoder(
     if bar is not None:
         bar.close()
     return jobs
-
-
-@torch.inference_mode()
-def generate(
-    gpt: GPT,
-    classes: Sequence[int] | torch.Tensor,
-    *,
-    cfg_scale: float = 1.0,
-    cfg_interval: int = -1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seeds: Sequence[int] | torch.Tensor | None = None,
-    progress: bool = False,
-    compile: bool = False,
-) -> torch.Tensor:
-    """Sample one image's tokens per class: LongTensor [B, block_size].
-
-    ``seeds`` gives one seed per image (default: drawn from torch's global RNG). An image depends
-    only on the weights, its class, its seed and the options, never on the rest of the batch.
-    """
-    classes = classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)
-    if seeds is None:
-        seeds = random_seeds(len(classes))
-    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
-    options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
-    decoder = Decoder(gpt, max_rows=max(1, len(classes)) * options.rows, compile=compile)
-    jobs = run_decoder(decoder, classes, seeds, options, progress, gpt.config.block_size)
-    return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=gpt.device)

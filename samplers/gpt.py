@@ -186,7 +186,8 @@ class Linear(nn.Linear):
         if (self.packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and not torch.compiler.is_compiling()
                 and x.dtype == torch.float32 and self._packed_key == (self.weight.data_ptr(), self.weight._version)):
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [],
+                                                     "")
             return out.view(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
 

@@ -109,6 +109,10 @@ class SamplingOptions:
     temperature: logits are divided by it; 0 means greedy.
     top_k: keep the k most likely tokens (0 = all); 1 is greedy.
     top_p: nucleus sampling threshold (1.0 = off).
+    cfg_schedule: how the scale applies over a next-scale model's steps: "linear" (VAR's ramp from
+        1 at the first scale to cfg_scale at the last) or "constant"; None = the family's default.
+        Token-by-token families guide every token alike.
+    more_smooth: VAR's display option (a soft Gumbel mix of codes per scale); VAR family only.
     """
 
     cfg_scale: float = 1.0
@@ -116,6 +120,8 @@ class SamplingOptions:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cfg_schedule: str | None = None
+    more_smooth: bool = False
 
     def __post_init__(self) -> None:
         _check_number("cfg_scale", self.cfg_scale, 0.0, MAX_CFG_SCALE)
@@ -123,6 +129,11 @@ class SamplingOptions:
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("cfg_interval", self.cfg_interval, -1, MAX_CFG_INTERVAL)
         _check_int("top_k", self.top_k, 0, MAX_TOP_K)
+        if self.cfg_schedule not in (None, "linear", "constant"):
+            raise InvalidRequest("cfg_schedule", "cfg_schedule must be linear or constant, got "
+                                 f"{short(self.cfg_schedule)}", allowed=["linear", "constant"])
+        if not isinstance(self.more_smooth, bool):
+            raise InvalidRequest("more_smooth", f"more_smooth must be true or false, got {short(self.more_smooth)}")
 
     @property
     def guided(self) -> bool:
