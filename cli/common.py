@@ -26,14 +26,21 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, multiple_models: bool = False) -> None:
     """Model selection flags shared by every command that loads a pipeline (LlamaGen's names)."""
-    g = p.add_argument_group("model (a registry name, or real checkpoints)")
-    g.add_argument("--model", default=None, help="registry name from weights/registry.json (default: its default)")
-    g.add_argument("--gpt-ckpt", help="base GPT checkpoint (.pt or safetensors dir)")
-    g.add_argument("--cca-ckpt", help="CCA fine-tuned GPT checkpoint")
+    g = p.add_argument_group("model (a registry name, or real checkpoints: LlamaGen or VAR, told apart by their keys)")
+    if multiple_models:
+        g.add_argument("--model", action="append", default=None,
+                       help="registry name from weights/registry.json; repeat to serve several (default: its default)")
+    else:
+        g.add_argument("--model", default=None, help="registry name from weights/registry.json (default: its default)")
+    g.add_argument("--gpt-ckpt", "--var-ckpt", dest="gpt_ckpt",
+                   help="base transformer: a LlamaGen GPT (.pt or safetensors dir) or a VAR (var_d16.pth ...)")
+    g.add_argument("--cca-ckpt", "--cca-var-ckpt", dest="cca_ckpt",
+                   help="its CCA fine-tune (LlamaGen's or VAR_d16_CCA.pth ...)")
     g.add_argument("--cca-cfg-ckpt", help="a separate fine-tune for the cca+cfg mode (default: --cca-ckpt)")
-    g.add_argument("--vq-ckpt", help="VQ tokenizer checkpoint")
+    g.add_argument("--vq-ckpt", "--vae-ckpt", dest="vq_ckpt",
+                   help="the tokenizer: LlamaGen's VQ (vq_ds16_c2i.pt) or VAR's VQVAE (vae_ch160v4096z32.pth)")
     g.add_argument("--gpt-model", default=None, help="GPT preset (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B); inferred "
                    "from the weights when omitted")
     g.add_argument("--vq-model", default=None, help="VQ preset (VQ-16, VQ-8); inferred when omitted")
@@ -54,15 +61,35 @@ def add_sampling_args(p: argparse.ArgumentParser, *, guidance: bool = True) -> N
         g.add_argument("--cfg-scale", type=float, default=None,
                        help="guidance scale of the cfg modes, 1 = unguided (default: the model's)")
         g.add_argument("--cfg-interval", type=int, default=-1, help="guide image tokens 0..N+1 only; -1 = all")
+        g.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None,
+                       help="VAR models: ramp the scale from 1 at the first scale to --cfg-scale at the last (linear, "
+                            "their default) or use it throughout (constant)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off, 1 = greedy")
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0,
+                   help="keep the k most likely tokens; 0 = off, 1 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1]; 1 = off")
+    v = p.add_argument_group("VAR's own flag names (translated; see also --top_k)")
+    if guidance:
+        v.add_argument("--cfg", type=float, default=None,
+                       help="VAR's guidance: logits (1+t)c - t u with t ramping to CFG; equals --cfg-scale 1+CFG "
+                            "(VAR's cfg 1.5 = --cfg-scale 2.5; cfg 0 = unguided)")
+    v.add_argument("--top_p", dest="var_top_p", type=float, default=None, help="VAR's top-p: 0 = off (our --top-p 1)")
+    v.add_argument("--more_smooth", "--more-smooth", dest="more_smooth", action="store_true",
+                   help="VAR's display option: a soft Gumbel mix of codes per scale (not for FID)")
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags as keyword arguments of ``Pipeline.__call__`` / ``options_for``."""
-    keys = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    """The sampling flags as keyword arguments of ``Pipeline.__call__`` / ``options_for``, VAR's
+    names translated to the one convention (cfg_scale = 1 + VAR's cfg; top_p 1 = off)."""
+    keys = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "cfg_schedule", "more_smooth")
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if getattr(args, "cfg", None) is not None:
+        if out.get("cfg_scale") is not None:
+            raise SystemExit("error: give --cfg-scale or VAR's --cfg, not both")
+        out["cfg_scale"] = 1.0 + args.cfg
+    if getattr(args, "var_top_p", None) is not None:
+        out["top_p"] = args.var_top_p if args.var_top_p > 0 else 1.0
+    return out
 
 
 def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
@@ -76,6 +103,19 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
                                          vq_model=args.vq_model, image_size=args.image_size, device=device,
                                          dtype=dtype, cca_cfg_ckpt=args.cca_cfg_ckpt)
     else:
-        pipe = Pipeline.from_registry(args.model, device=device, dtype=dtype)
+        name = args.model[0] if isinstance(args.model, list) else args.model
+        pipe = Pipeline.from_registry(name, device=device, dtype=dtype)
     pipe.compile = args.compile
     return pipe
+
+
+def pipelines_from_args(args: argparse.Namespace) -> list[Pipeline]:
+    """Every model a command was given: the checkpoints, or each ``--model`` (repeatable)."""
+    names = args.model if isinstance(args.model, list) else [args.model]
+    if args.gpt_ckpt or args.vq_ckpt or args.cca_ckpt or len(names) <= 1:
+        return [pipeline_from_args(args)]
+    out = []
+    for name in dict.fromkeys(names):
+        args_one = argparse.Namespace(**{**vars(args), "model": name})
+        out.append(pipeline_from_args(args_one))
+    return out

@@ -11,7 +11,14 @@ from samplers.modes import InvalidRequest, normalize_mode
 from samplers.pipeline import Pipeline
 from samplers.registry import Registry
 
-from .common import add_model_args, add_sampling_args, int_list, pipeline_from_args, sampling_options
+from .common import (
+    add_model_args,
+    add_sampling_args,
+    int_list,
+    pipeline_from_args,
+    pipelines_from_args,
+    sampling_options,
+)
 
 
 def parse_classes(text: str, pipe: Pipeline, limit: int = 16) -> list[int]:
@@ -95,19 +102,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.engine import Engine
     from server.http import uvicorn_config
 
-    pipe = pipeline_from_args(args)
-    engine = Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue, request_timeout_s=args.timeout)
-    app = create_app(ModelServer({pipe.name: engine}))
+    engines = {}
+    for pipe in pipelines_from_args(args):
+        engines[pipe.name] = Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue,
+                                    request_timeout_s=args.timeout)
+    server = ModelServer(engines)
+    app = create_app(server)
     if not args.no_ui:
         from ui.app import mount_ui
 
-        mount_ui(app, engine)
+        mount_ui(app, engines)
     where = f"http://{args.host}:{args.port}"
-    print(f"serving {pipe.name} ({', '.join(pipe.modes)}) on {where}  UI: {where}/ui  API docs: {where}/docs")
+    for name, engine in engines.items():
+        print(f"serving {name} ({engine.pipeline.family.name}: {', '.join(engine.pipeline.modes)})")
+    print(f"on {where}  UI: {where}/ui  API docs: {where}/docs")
     try:
         uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     finally:
-        engine.close()
+        server.close()
     return 0
 
 
@@ -144,7 +156,7 @@ def add_sample_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="queued requests before 503")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request fails with 504")
     p.add_argument("--no-ui", action="store_true", help="API only")
-    p.add_argument("--log-level", default="info")
-    add_model_args(p)
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+    add_model_args(p, multiple_models=True)
     p.set_defaults(func=cmd_serve)
 

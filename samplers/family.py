@@ -24,10 +24,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .generate import Decoder, ImageJob, random_seeds, run_decoder
+from .generate import Decoder, ImageJob, check_llamagen_options, random_seeds, run_decoder
 from .gpt import GPT
 from .modes import SamplingOptions
-from .var import VAR, VARDecoder
+from .var import VAR, VARDecoder, check_var_options
 from .var_vae import VARVAE
 from .vq import VQModel
 
@@ -71,6 +71,10 @@ class ModelFamily(ABC):
         """Token sequences [B, L] -> images [B, 3, H, W] in [-1, 1]."""
 
     @abstractmethod
+    def check_options(self, options: SamplingOptions) -> None:
+        """Raise InvalidRequest for options this family cannot honour."""
+
+    @abstractmethod
     def tokens_per_image(self, model: torch.nn.Module) -> int: ...
 
     def steps_per_image(self, model: torch.nn.Module) -> int:
@@ -108,6 +112,9 @@ class LlamaGenFamily(ModelFamily):
     def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> Decoder:
         return Decoder(model, max_rows, compile=compile)
 
+    def check_options(self, options: SamplingOptions) -> None:
+        check_llamagen_options(options)
+
     @torch.inference_mode()
     def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:
         grid = (self.grid_size, self.grid_size)
@@ -134,6 +141,9 @@ class VARFamily(ModelFamily):
 
     def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> VARDecoder:
         return VARDecoder(model, max_rows, compile=compile)
+
+    def check_options(self, options: SamplingOptions) -> None:
+        check_var_options(options)
 
     @torch.inference_mode()
     def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,14 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: torch.Ten
 # --------------------------------------------------------------------------------------------
 # The decoding loop
 # --------------------------------------------------------------------------------------------
+def check_llamagen_options(options: SamplingOptions) -> None:
+    if options.more_smooth:
+        raise InvalidRequest("more_smooth", "more_smooth is VAR's option; this is a LlamaGen model")
+    if options.cfg_schedule == "linear":
+        raise InvalidRequest("cfg_schedule", "LlamaGen models guide every token alike (cfg_schedule constant); "
+                             "use cfg_interval to guide the first tokens only", allowed=["constant"])
+
+
 @dataclass(eq=False)
 class ImageJob:
     """One image being decoded: its class, seed, options and the tokens sampled so far."""
@@ -170,11 +178,7 @@ class Decoder:
         seed = check_seed(seed)
         if options.guided and not config.has_null_class:
             raise ValueError("this model has no null class (class_dropout_prob = 0): CFG is unavailable")
-        if options.more_smooth:
-            raise InvalidRequest("more_smooth", "more_smooth is VAR's option; this is a LlamaGen model")
-        if options.cfg_schedule == "linear":
-            raise InvalidRequest("cfg_schedule", "LlamaGen models guide every token alike (cfg_schedule constant); "
-                                 "use cfg_interval to guide the first tokens only", allowed=["constant"])
+        check_llamagen_options(options)
         job = ImageJob(class_id, seed, options, tag=tag)
         need = options.rows
         if need > self.free_rows():

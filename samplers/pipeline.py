@@ -123,6 +123,18 @@ class Pipeline:
     def tokens_per_image(self) -> int:
         return self.family.tokens_per_image(self.gpt)
 
+    @property
+    def steps_per_image(self) -> int:
+        return self.family.steps_per_image(self.gpt)
+
+    @property
+    def guidance(self) -> str:
+        """The guidance convention, for people and /models."""
+        if self.family.guidance_schedule == "linear":
+            return ("cfg_scale s: logits s*c - (s-1)*u, ramped linearly from 1 at the first scale to s at the "
+                    "last (VAR's cfg = s - 1); s = 1 unguided")
+        return "cfg_scale s: logits u + s*(c - u) at every token; s = 1 unguided"
+
     def class_name(self, class_id: int) -> str:
         if self.class_names and 0 <= class_id < len(self.class_names):
             return self.class_names[class_id]
@@ -150,10 +162,11 @@ class Pipeline:
         return self.models[self.weights_for(mode)]
 
     def options_for(self, mode: str, *, cfg_scale: float | None = None, cfg_interval: int = -1,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SamplingOptions:
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str | None = None,
+                    more_smooth: bool = False) -> SamplingOptions:
         """Sampling options of a mode: guided modes use cfg_scale (default: the model's), the others 1."""
         scale = (self.default_cfg_scale if cfg_scale is None else cfg_scale) if get_mode(mode).guided else 1.0
-        return SamplingOptions(scale, cfg_interval, temperature, top_k, top_p)
+        return SamplingOptions(scale, cfg_interval, temperature, top_k, top_p, cfg_schedule, more_smooth)
 
     # ---- the one check of a request ----------------------------------------------------------
     def check_request(self, class_id: int, mode: str, seed: int) -> str:
@@ -163,6 +176,10 @@ class Pipeline:
         check_seed(seed)
         self.weights_for(mode)
         return normalize_mode(mode)
+
+    def check_options(self, options: SamplingOptions) -> None:
+        """Options this family cannot honour (InvalidRequest naming the field)."""
+        self.family.check_options(options)
 
     def validate_class(self, class_id: int) -> None:
         check_class(class_id, self.num_classes)
@@ -252,10 +269,13 @@ class Pipeline:
         from .registry import Registry
 
         entry = Registry().get(name)
-        gpt = entry.load_part("gpt", device).to(dtype=dtype)
-        cca = entry.load_part("cca_gpt", device).to(dtype=dtype) if entry.has_cca else None
-        cca_cfg = entry.load_part("cca_cfg_gpt", device).to(dtype=dtype) if "cca_cfg_gpt" in entry.parts else None
-        return cls(gpt, entry.load_part("vq", device), cca, name=entry.name, class_names=entry.class_names,
+        tokenizer = entry.load_part("vq", device)
+        kw = {"tokenizer": tokenizer} if entry.family == "var" else {}
+        gpt = entry.load_part("gpt", device, **kw).to(dtype=dtype)
+        cca = entry.load_part("cca_gpt", device, **kw).to(dtype=dtype) if entry.has_cca else None
+        cca_cfg = entry.load_part("cca_cfg_gpt", device, **kw).to(dtype=dtype) \
+            if "cca_cfg_gpt" in entry.parts else None
+        return cls(gpt, tokenizer, cca, name=entry.name, class_names=entry.class_names,
                    default_cfg_scale=entry.default_cfg_scale, cca_cfg_gpt=cca_cfg)
 
     @classmethod
@@ -264,12 +284,22 @@ class Pipeline:
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                          class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
                          cca_cfg_ckpt: str | None = None) -> Pipeline:
-        from .checkpoint import load_gpt, load_vq
+        from .checkpoint import checkpoint_kind, load_gpt, load_var, load_var_vae, load_vq, read_checkpoint
 
-        gpt = load_gpt(gpt_ckpt, gpt_model, image_size, device=device, dtype=dtype)
-        cca = load_gpt(cca_ckpt, gpt_model, image_size, device=device, dtype=dtype) if cca_ckpt else None
-        cca_cfg = load_gpt(cca_cfg_ckpt, gpt_model, image_size, device=device, dtype=dtype) if cca_cfg_ckpt else None
-        vq = load_vq(vq_ckpt, vq_model, device=device)
+        kind = checkpoint_kind(read_checkpoint(vq_ckpt)[0])
+        if kind == "var_vae":  # VAR: the transformers hold the VAE; the depth comes from the shapes
+            vq = load_var_vae(vq_ckpt, device=device)
+
+            def load(path: str) -> torch.nn.Module:
+                return load_var(path, vq, device=device, dtype=dtype)
+        else:
+            vq = load_vq(vq_ckpt, vq_model, device=device)
+
+            def load(path: str) -> torch.nn.Module:
+                return load_gpt(path, gpt_model, image_size, device=device, dtype=dtype)
+        gpt = load(gpt_ckpt)
+        cca = load(cca_ckpt) if cca_ckpt else None
+        cca_cfg = load(cca_cfg_ckpt) if cca_cfg_ckpt else None
         return cls(gpt, vq, cca, name="checkpoints", class_names=class_names, default_cfg_scale=default_cfg_scale,
                    cca_cfg_gpt=cca_cfg)
 

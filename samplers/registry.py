@@ -1,7 +1,9 @@
 """Named models, listed in ``weights/registry.json``.
 
-Each entry names its parts: ``gpt`` (base), optional ``cca_gpt`` (the CCA fine-tune), optional
-``cca_cfg_gpt`` (the fine-tune the ``cca+cfg`` mode guides, when it is a separate one) and ``vq``.
+Each entry names its family (``llamagen``, the default, or ``var``) and its parts: ``gpt`` (the
+base transformer: a LlamaGen GPT or a VAR), optional ``cca_gpt`` (the CCA fine-tune), optional
+``cca_cfg_gpt`` (the fine-tune the ``cca+cfg`` mode guides, when it is a separate one) and ``vq``
+(the tokenizer: LlamaGen's VQ or VAR's multi-scale VQVAE).
 A part is either ``{"path": ..., "preset": ..., "image_size": ...}`` with a path relative to the
 weights directory (a safetensors directory or a LlamaGen ``.pt``), or ``{"random": {"config": ...,
 "seed": N}}`` for random-weight models used in smoke tests and speed benchmarks. Requests name
@@ -18,9 +20,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_gpt, load_vq
+from .checkpoint import load_gpt, load_var, load_var_vae, load_vq
 from .gpt import GPT, build_gpt
+from .var import VAR, build_var
+from .var_vae import VARVAE, build_var_vae
 from .vq import VQModel, build_vq
+
+FAMILY_NAMES = ("llamagen", "var")
 
 WEIGHTS_DIR = Path(os.environ.get("CCASERVE_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 REGISTRY_FILE = "registry.json"
@@ -34,6 +40,7 @@ class ModelEntry:
     class_names: list[str] | None
     default_cfg_scale: float
     weights_dir: Path
+    family: str = "llamagen"
 
     @property
     def has_cca(self) -> bool:
@@ -48,21 +55,46 @@ class ModelEntry:
     def available(self) -> bool:
         return not self.missing_files()
 
-    def load_part(self, part: str, device: str | torch.device = "cpu") -> GPT | VQModel:
+    def load_part(self, part: str, device: str | torch.device = "cpu",
+                  tokenizer: VARVAE | None = None) -> GPT | VQModel | VAR | VARVAE:
+        """One part; a VAR transformer needs its ``tokenizer`` (the entry's ``vq`` part)."""
         spec = self.parts[part]
-        is_vq = part == "vq"
+        is_tokenizer = part == "vq"
+        var = self.family == "var"
+        if var and not is_tokenizer and tokenizer is None:
+            tokenizer = self.load_part("vq", device)
         if "random" in spec:
             rnd = spec["random"]
             torch.manual_seed(int(rnd.get("seed", 0)))
-            model = build_vq(rnd["config"]) if is_vq else build_gpt(rnd["config"])
-            if not is_vq:  # LlamaGen's init zeroes the output layer; random logits need weights
-                model.init_weights(std=float(rnd.get("std", 0.02)))
-                torch.nn.init.normal_(model.output.weight, std=float(rnd.get("std", 0.02)))
+            std = float(rnd.get("std", 0.02))
+            if is_tokenizer:
+                model = build_var_vae(rnd["config"]) if var else build_vq(rnd["config"])
+            elif var:
+                model = build_var(rnd["config"], tokenizer)
+                _random_var_init(model, std)
+            else:  # LlamaGen's init zeroes the output layer; random logits need weights
+                model = build_gpt(rnd["config"])
+                model.init_weights(std=std)
+                torch.nn.init.normal_(model.output.weight, std=std)
             return model.to(device).eval()
         path = self.weights_dir / spec["path"]
-        if is_vq:
-            return load_vq(path, spec.get("preset"), device=device)
+        if is_tokenizer:
+            return load_var_vae(path, device=device) if var else load_vq(path, spec.get("preset"), device=device)
+        if var:
+            return load_var(path, tokenizer, spec.get("depth"), device=device)
         return load_gpt(path, spec.get("preset"), spec.get("image_size"), device=device)
+
+
+def _random_var_init(model: VAR, std: float) -> None:
+    """Random weights that make every block matter (VAR's own init nearly zeroes the AdaLN gammas)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "scale_mul" in name:
+                p.fill_(torch.tensor(4.0).log().item())
+            elif p.dim() >= 2 or name in ("pos_start", "pos_1LC"):
+                torch.nn.init.normal_(p, std=std if "ada_lin" in name else 1.0 / p.shape[-1] ** 0.5)
+            else:
+                torch.nn.init.normal_(p, std=0.02)
 
 
 class Registry:
@@ -77,9 +109,12 @@ class Registry:
             names = e.get("class_names")
             if isinstance(names, str):
                 names = json.loads((self.weights_dir / names).read_text())
+            family = e.get("family", "llamagen")
+            if family not in FAMILY_NAMES:
+                raise ValueError(f"registry entry {name!r}: unknown family {family!r}; known: {list(FAMILY_NAMES)}")
             self.entries[name] = ModelEntry(
                 name, e.get("description", ""), parts, names, float(e.get("default_cfg_scale", 4.0)),
-                self.weights_dir,
+                self.weights_dir, family,
             )
 
     def names(self) -> list[str]:

@@ -97,6 +97,9 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k filter, 1 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="1 = no nucleus filter")
+    cfg_schedule: Literal["linear", "constant"] | None = Field(
+        None, description="VAR models: guidance ramped over the scales (linear, their default) or constant")
+    more_smooth: bool = Field(False, description="VAR models: VAR's soft Gumbel display option")
     model: str | None = Field(None, max_length=128, description="registry name of a loaded model (GET /models)")
 
     @field_validator("class_id", "seed", "cfg_interval", "top_k", "n", "cfg_scale", "temperature", "top_p",
@@ -139,11 +142,14 @@ class GenerateResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    family: str = Field(description="llamagen (next-token) or var (next-scale)")
     modes: list[str]
     default_mode: str
     default_cfg_scale: float
+    guidance: str = Field(description="what cfg_scale means for this model")
     image_size: int
-    tokens: int
+    tokens: int = Field(description="tokens per image")
+    steps: int = Field(description="decoding steps per image (tokens for llamagen, scales for var)")
     num_classes: int
     class_names: list[str] | None
 
@@ -167,7 +173,8 @@ def _validate(engine: Engine, p: SamplingParams) -> tuple[int, str, SamplingOpti
     if p.seed is not None and p.seed + p.n - 1 > MAX_SEED:
         raise ApiError("seed", "seed + n - 1 exceeds the largest seed", allowed=f"[0, {MAX_SEED}]")
     opts = pipe.options_for(mode, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval, temperature=p.temperature,
-                            top_k=p.top_k, top_p=p.top_p)
+                            top_k=p.top_k, top_p=p.top_p, cfg_schedule=p.cfg_schedule, more_smooth=p.more_smooth)
+    pipe.check_options(opts)
     return class_id, mode, opts
 
 
@@ -351,9 +358,9 @@ def create_app(server: ModelServer) -> FastAPI:
         out = []
         for name, e in server.engines.items():
             p = e.pipeline
-            out.append(ModelInfo(name=name, modes=p.modes, default_mode=p.default_mode,
-                                 default_cfg_scale=p.default_cfg_scale, image_size=p.image_size,
-                                 tokens=p.gpt.config.block_size, num_classes=p.num_classes,
+            out.append(ModelInfo(name=name, family=p.family.name, modes=p.modes, default_mode=p.default_mode,
+                                 default_cfg_scale=p.default_cfg_scale, guidance=p.guidance, image_size=p.image_size,
+                                 tokens=p.tokens_per_image, steps=p.steps_per_image, num_classes=p.num_classes,
                                  class_names=p.class_names))
         return out
 

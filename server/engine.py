@@ -116,6 +116,7 @@ class Engine:
             if not isinstance(options, SamplingOptions):
                 raise ValueError(f"options must be SamplingOptions, got {type(options).__name__}")
             mode = self.pipeline.check_request(class_id, mode, seed)
+            self.pipeline.check_options(options)
             reqs.append(Request(int(class_id), mode, int(seed), options))
         if len(reqs) > self.max_queue:  # no wait would help: say so instead of "retry later"
             raise InvalidRequest("n", f"{len(reqs)} images in one request can never fit this server's queue of "

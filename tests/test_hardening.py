@@ -29,7 +29,8 @@ def _ui_call(url: str, data: list) -> str:
     """Gradio's HTTP API for the UI's generate button; returns "rejected" when the UI showed an input
     error in its heading, else the SSE event name."""
     with httpx.Client(timeout=60) as client:
-        event_id = client.post(f"{url}/ui/gradio_api/call/generate", json={"data": data}).json()["event_id"]
+        event_id = client.post(f"{url}/ui/gradio_api/call/generate",
+                               json={"data": ["tiny", *data]}).json()["event_id"]
         text = client.get(f"{url}/ui/gradio_api/call/generate/{event_id}").text
     event = text.split("\n", 1)[0].removeprefix("event: ").strip()
     if event == "complete":

@@ -108,3 +108,41 @@ def test_api_docs_render_offline_and_root_leads_to_the_ui(tmp_path):
             finally:
                 browser.close()
     engine.close()
+
+
+def test_ui_model_picker_runs_a_var_model(tmp_path):
+    """Two models behind one UI; picking the VAR one renders its four modes."""
+    from samplers import Pipeline
+    from server.app import ModelServer, create_app
+    from server.engine import Engine
+    from tests.server_util import LiveServer
+    from ui.app import mount_ui
+
+    sync_api = browser_api()
+    engines = {"tiny": Engine(load_pipeline(write_tiny_models(tmp_path)), max_rows=8),
+               "tiny-var-random": Engine(Pipeline.from_registry("tiny-var-random"), max_rows=8)}
+    app = create_app(ModelServer(engines))
+    mount_ui(app, engines)
+    with LiveServer(app) as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--headless", "--no-sandbox", "--disable-gpu",
+                                           "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.goto(f"{server.url}/ui/", wait_until="networkidle", timeout=60000)
+            picker = page.get_by_label("model")
+            picker.click()
+            page.get_by_role("option", name="tiny-var-random").click()
+            page.wait_for_function("document.querySelector('#model-info').innerText.includes('var family')",
+                                   timeout=30000)
+            page.click("#generate-button")
+            page.wait_for_function("document.querySelector('#heading').innerText.includes('(var)')",
+                                   timeout=60000)
+            for mode in ("free", "cfg", "cca", "cca-cfg"):
+                page.wait_for_selector(f"#image-{mode} img", state="visible", timeout=60000)
+            page.screenshot(path=str(ARTIFACTS / "ui_var_model.png"), full_page=True)
+        finally:
+            browser.close()
+    assert engines["tiny-var-random"].stats.snapshot()["overall"]["images"] == 16
+    for engine in engines.values():
+        engine.close()

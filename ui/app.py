@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from samplers.images import image_grid  # noqa: E402
-from samplers.modes import MODES_TABLE, InvalidRequest  # noqa: E402
+from samplers.modes import MODES, MODES_TABLE, InvalidRequest  # noqa: E402
 from server.engine import Engine, QueueFull  # noqa: E402
 
 log = logging.getLogger("ccaserve.ui")
@@ -56,7 +56,8 @@ def parse_class(text: str | int | float | None, engine: Engine) -> int:
 
 def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, temperature: Any,
                  top_k: Any) -> list[Any]:
-    """Each mode in turn (so each mode's time is its own), a grid of seeds per mode."""
+    """Each mode in turn (so each mode's time is its own), a grid of seeds per mode; one panel per
+    mode of the table, a mode the model lacks says so."""
     pipe = engine.pipeline
     try:
         class_id = parse_class(class_text, engine)
@@ -76,17 +77,22 @@ def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, tem
             results[mode] = (images, time.perf_counter() - start)
     except InputError as e:
         log.warning("UI input rejected: %s", e)
-        return [f"### ⚠ {e}", *[gr.update(value=None, label=f"{m}: not generated") for m in pipe.modes]]
+        return [f"### ⚠ {e}", *[gr.update(value=None, label=f"{m}: not generated") for m in MODES]]
     out: list[Any] = []
-    for mode, (images, seconds) in results.items():
+    for mode in MODES:
+        if mode not in results:
+            out.append(gr.update(value=None, label=f"{mode}: not offered by {pipe.name} (no CCA model)"))
+            continue
+        images, seconds = results[mode]
         grid = image_grid([r.image for r in images], 2)
         side = max(grid.width, PANEL_PX)
         shown = grid.resize((side, side * grid.height // grid.width), Image.NEAREST)
         opts = images[0].options
         scale = f" s={opts.cfg_scale:g}" if opts.guided else ""
         out.append(gr.update(value=shown, label=f"{mode}{scale} · {opts.rows}x compute · {seconds:.2f} s"))
-    title = (f"### {class_id}: {pipe.class_name(class_id)} · seeds {int(seed)}–{int(seed) + SEEDS_PER_MODE - 1}, "
-             f"one grid per mode; times are each mode's own, for its {SEEDS_PER_MODE} images")
+    title = (f"### {class_id}: {pipe.class_name(class_id)} · {pipe.name} ({pipe.family.name}) · seeds "
+             f"{int(seed)}–{int(seed) + SEEDS_PER_MODE - 1}, one grid per mode; times are each mode's own, for its "
+             f"{SEEDS_PER_MODE} images")
     return [title, *out]
 
 
@@ -110,35 +116,61 @@ def stats_markdown(engine: Engine) -> str:
     return "\n".join(rows)
 
 
-def build_ui(engine: Engine) -> gr.Blocks:
+def _class_choices(engine: Engine) -> tuple[list[str], str]:
     pipe = engine.pipeline
     names = pipe.class_names or [pipe.class_name(i) for i in range(pipe.num_classes)]
     choices = [f"{i}: {n}" for i, n in enumerate(names)]
-    default_class = choices[207] if len(choices) > 207 else choices[0]
+    return choices, choices[207] if len(choices) > 207 else choices[0]
+
+
+def _model_line(engine: Engine) -> str:
+    pipe = engine.pipeline
+    return (f"**{pipe.name}**: {pipe.family.name} family, {pipe.image_size} px, {pipe.tokens_per_image} tokens in "
+            f"{pipe.steps_per_image} steps; guidance: {pipe.guidance}.")
+
+
+def build_ui(engines: Engine | dict[str, Engine]) -> gr.Blocks:
+    engines = engines if isinstance(engines, dict) else {engines.pipeline.name: engines}
+    first = next(iter(engines.values()))
+    choices, default_class = _class_choices(first)
     with gr.Blocks(title="ccaserve: CCA vs CFG") as demo:
-        gr.Markdown(f"## ccaserve · {pipe.name} · {pipe.image_size} px · CCA vs CFG side by side\n{EXPLAINER}")
+        gr.Markdown(f"## ccaserve · CCA vs CFG side by side\n{EXPLAINER}")
         with gr.Row():
+            model = gr.Dropdown(list(engines), value=first.pipeline.name, label="model", scale=2,
+                                elem_id="model-picker")
             class_box = gr.Dropdown(choices, value=default_class, label="class (type an id, a name or words)",
                                     filterable=True, allow_custom_value=True, scale=3)
             seed = gr.Number(value=0, precision=0, minimum=0, label="first seed", scale=1)
-            cfg = gr.Slider(1.0, 10.0, value=pipe.default_cfg_scale, step=0.25, label="CFG scale", scale=2)
+            cfg = gr.Slider(1.0, 10.0, value=first.pipeline.default_cfg_scale, step=0.25, label="CFG scale", scale=2)
             temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature", scale=2)
             topk = gr.Number(value=0, precision=0, minimum=0, label="top-k (0 = off)", scale=1)
+        model_info = gr.Markdown(_model_line(first), elem_id="model-info")
         button = gr.Button("Generate the four modes", variant="primary", elem_id="generate-button")
         title = gr.Markdown("### Pick a class and press Generate", elem_id="heading")
         with gr.Row():
             images = [gr.Image(label=m, type="pil", height=300, elem_classes=["mode-image"], interactive=False,
-                               elem_id=f"image-{m.replace('+', '-')}") for m in pipe.modes]
+                               elem_id=f"image-{m.replace('+', '-')}") for m in MODES]
         with gr.Accordion("live statistics (/stats)", open=True):
-            stats = gr.Markdown(stats_markdown(engine), elem_id="stats-box")
+            stats = gr.Markdown(stats_markdown(first), elem_id="stats-box")
+
+        def pick(name: str) -> Engine:
+            return engines.get(name) or first
+
+        def on_model(name: str) -> list[Any]:
+            engine = pick(name)
+            new_choices, new_default = _class_choices(engine)
+            return [gr.update(choices=new_choices, value=new_default),
+                    gr.update(value=engine.pipeline.default_cfg_scale), _model_line(engine)]
+
+        model.change(on_model, model, [class_box, cfg, model_info], api_name=False)
         inputs = [class_box, seed, cfg, temp, topk]
-        button.click(lambda *a: render_modes(engine, *a), inputs, [title, *images], concurrency_limit=8,
-                     api_name="generate")
+        button.click(lambda name, *a: render_modes(pick(name), *a), [model, *inputs], [title, *images],
+                     concurrency_limit=8, api_name="generate")
         for box in inputs:  # the heading describes the images shown, not inputs not yet generated
             box.change(lambda: "### Inputs changed: press Generate", None, title, show_progress="hidden",
                        api_name=False)
         timer = gr.Timer(2.0)
-        timer.tick(lambda: stats_markdown(engine), None, stats, show_progress="hidden", api_name=False)
+        timer.tick(lambda name: stats_markdown(pick(name)), model, stats, show_progress="hidden", api_name=False)
     return demo
 
 
@@ -147,8 +179,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
 IDLE_POLL_S = 0.05
 
 
-def mount_ui(app: Any, engine: Engine, path: str = "/ui") -> Any:
-    demo = build_ui(engine)
+def mount_ui(app: Any, engines: Engine | dict[str, Engine], path: str = "/ui") -> Any:
+    demo = build_ui(engines)
     queue = getattr(demo, "_queue", None)
     if queue is not None and hasattr(queue, "sleep_when_free"):
         queue.sleep_when_free = IDLE_POLL_S
