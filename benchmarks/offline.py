@@ -322,3 +322,55 @@ def time_llamagen(ref: torch.nn.Module, gpt: GPT, batch: int, cfg_scale: float, 
     return {"batch": batch, "cfg_scale": cfg_scale, "llamagen_s_per_image": round(best["llamagen"], 5),
             "ccaserve_s_per_image": round(best["ccaserve"], 5),
             "speedup": round(best["llamagen"] / best["ccaserve"], 3), "runs_s": times}
+
+
+# ---- VAR's own autoregressive_infer_cfg(), timed on the same weights ----------------------
+def var_reference(pipe: Pipeline, var_path: str) -> torch.nn.Module:
+    """VAR's model (and VQVAE) from a user's checkout, with the pipeline's VAR and VAE weights."""
+    import sys
+    import warnings
+
+    if var_path not in sys.path:
+        sys.path.insert(0, var_path)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from models.var import VAR as RefVAR
+        from models.vqvae import VQVAE as RefVQVAE
+    except ImportError as e:
+        raise FileNotFoundError(f"no VAR checkout at {var_path} ({e})") from None
+    vae, var = pipe.vq, pipe.gpt
+    vc, c = vae.config, var.config
+    ref_vae = RefVQVAE(vocab_size=vc.vocab_size, z_channels=vc.z_channels, ch=vc.ch,
+                       share_quant_resi=vc.share_quant_resi, v_patch_nums=tuple(vc.patch_nums), test_mode=True)
+    ref_vae.load_state_dict(vae.state_dict())
+    ref = RefVAR(vae_local=ref_vae, num_classes=c.num_classes, depth=c.depth, embed_dim=c.embed_dim,
+                 num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, norm_eps=c.norm_eps, shared_aln=c.shared_aln,
+                 cond_drop_rate=0.0, attn_l2_norm=c.attn_l2_norm, patch_nums=tuple(c.patch_nums),
+                 flash_if_available=False, fused_if_available=False)
+    ref.load_state_dict(var.state_dict())
+    return ref.to(var.device).eval()
+
+
+def time_var(ref: torch.nn.Module, pipe: Pipeline, batch: int, mode: str, cfg_scale: float, top_k: int = 900,
+             top_p: float = 0.96, repeats: int = 3) -> dict[str, Any]:
+    """Best-of-``repeats`` seconds per image, image decode included in both, alternating runs: VAR's
+    autoregressive_infer_cfg (always 2 rows per image; cfg = cfg_scale - 1) and our pipeline's mode."""
+    device = pipe.gpt.device
+    classes = [i % pipe.num_classes for i in range(batch)]
+    opts = pipe.options_for(mode, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p)
+    var_cfg = opts.cfg_scale - 1.0
+    times: dict[str, list[float]] = {"var": [], "ccaserve": []}
+    for rep in range(repeats):
+        with torch.no_grad(), Timer(device) as t:
+            ref.autoregressive_infer_cfg(B=batch, label_B=torch.tensor(classes, device=device), g_seed=rep,
+                                         cfg=var_cfg, top_k=top_k, top_p=top_p if top_p < 1 else 0.0)
+        times["var"].append(t.seconds)
+        with Timer(device) as t:
+            jobs = pipe.decode_batch(mode, classes, [rep * batch + i for i in range(batch)], opts)
+            pipe.decode_images([j.tokens for j in jobs])
+        times["ccaserve"].append(t.seconds)
+    best = {k: min(v) / batch for k, v in times.items()}
+    return {"batch": batch, "mode": mode, "cfg_scale": opts.cfg_scale, "var_cfg": var_cfg, "top_k": top_k,
+            "top_p": top_p, "var_s_per_image": round(best["var"], 4),
+            "ccaserve_s_per_image": round(best["ccaserve"], 4),
+            "speedup": round(best["var"] / best["ccaserve"], 3), "runs_s": times}

@@ -403,8 +403,9 @@ class VARDecoder:
         c = var.config
         self.num_tokens = c.block_size
         shape = (max_rows, c.num_heads, c.block_size, c.head_dim)
-        self.k_cache = [torch.zeros(shape, device=var.device, dtype=var.dtype) for _ in var.blocks]
-        self.v_cache = [torch.zeros(shape, device=var.device, dtype=var.dtype) for _ in var.blocks]
+        # empty, not zeros: a slot's span is always written before it is read
+        self.k_cache = [torch.empty(shape, device=var.device, dtype=var.dtype) for _ in var.blocks]
+        self.v_cache = [torch.empty(shape, device=var.device, dtype=var.dtype) for _ in var.blocks]
         self.free_slots = list(range(max_rows))
         self.jobs: list[ImageJob] = []
         self._state: dict[int, _VARImage] = {}
