@@ -28,6 +28,7 @@ import torch
 from samplers.generate import run_decoder
 from samplers.gpt import GPT
 from samplers.pipeline import Pipeline, normalize_mode
+from samplers.var import VAR
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -59,8 +60,10 @@ def matmul_params(gpt: GPT) -> int:
     return sum(m.weight.numel() for m in gpt.modules() if isinstance(m, torch.nn.Linear))
 
 
-def decode_work(gpt: GPT, rows_per_step: Sequence[int]) -> tuple[float, float]:
-    """(FLOPs, bytes) of the GPT over decoding steps with the given active rows per step."""
+def decode_work(gpt: torch.nn.Module, rows_per_step: Sequence[int]) -> tuple[float, float]:
+    """(FLOPs, bytes) of the transformer over decoding steps with the given active rows per step."""
+    if isinstance(gpt, VAR):
+        return _var_work(gpt, rows_per_step)
     c = gpt.config
     p = matmul_params(gpt)
     w = next(gpt.parameters()).element_size()
@@ -70,6 +73,22 @@ def decode_work(gpt: GPT, rows_per_step: Sequence[int]) -> tuple[float, float]:
         ctx = step + 1  # positions attended (class token + tokens so far)
         flops += rows * (2 * p + 4 * c.n_layer * c.dim * ctx)
         bytes_ += p * w + rows * 2 * c.n_layer * kv_dim * ctx * w
+    return flops, bytes_
+
+
+def _var_work(var: VAR, rows_per_step: Sequence[int]) -> tuple[float, float]:
+    """VAR: step k runs pn_k^2 tokens per row through the per-token linears, the AdaLN linears once
+    per row, and attends to every earlier token of the image."""
+    c = var.config
+    per_row = sum(m.weight.numel() for n, m in var.named_modules() if isinstance(m, torch.nn.Linear) and "ada_lin" in n)
+    per_token = matmul_params(var) - per_row
+    w = next(var.parameters()).element_size()
+    flops = bytes_ = 0.0
+    for step, rows in enumerate(rows_per_step):
+        length = c.patch_nums[step] ** 2
+        ctx = c.scale_starts[step] + length
+        flops += rows * (2 * per_token * length + 2 * per_row + 4 * c.depth * c.embed_dim * length * ctx)
+        bytes_ += (per_token + per_row) * w + rows * 2 * c.depth * c.embed_dim * ctx * w
     return flops, bytes_
 
 

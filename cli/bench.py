@@ -29,13 +29,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench.run_offline(pipe, modes, int_list(args.batch_sizes), args.repeats, args.warmup, args.usd_per_hour,
                                peaks, progress=not args.quiet, options=options, vq_decode=not args.no_vq_decode)
     report["command"] = "ccaserve " + " ".join(args.argv)
-    if args.compare_reference:
+    if args.compare_reference and pipe.family.name == "var":
+        ref = bench.var_reference(pipe, args.compare_reference)
+        report["reference"] = [bench.time_var(ref, pipe, b, m, options.get("cfg_scale") or pipe.default_cfg_scale,
+                                              options.get("top_k") or 900,
+                                              options["top_p"] if options.get("top_p", 1.0) < 1 else 0.96,
+                                              args.repeats)
+                               for b in int_list(args.reference_batch_sizes) for m in ("cca", "cfg") if m in modes]
+    elif args.compare_reference:
         ref = bench.llamagen_model(pipe.gpt, args.compare_reference)
         report["reference"] = [bench.time_llamagen(ref, pipe.gpt, b, pipe.options_for("cfg", cfg_scale=args.cfg_scale)
                                                    .cfg_scale if "cfg" in modes else 1.0, args.top_k, args.repeats)
                                for b in int_list(args.reference_batch_sizes)]
     text = bench.markdown(report)
-    if report.get("reference"):
+    if report.get("reference") and pipe.family.name == "var":
+        text += ("\n| mode | batch | VAR s/img (2 rows) | ccaserve s/img | speed-up |\n|---|---|---|---|---|\n"
+                 + "".join(f"| {r['mode']} | {r['batch']} | {r['var_s_per_image']} | {r['ccaserve_s_per_image']} | "
+                           f"{r['speedup']}x |\n" for r in report["reference"]))
+    elif report.get("reference"):
         text += "\n| batch | LlamaGen s/img | ccaserve s/img | speed-up |\n|---|---|---|---|\n" + "".join(
             f"| {r['batch']} | {r['llamagen_s_per_image']} | {r['ccaserve_s_per_image']} | {r['speedup']}x |\n"
             for r in report["reference"])
@@ -99,8 +110,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-peaks", action="store_true", help="skip measuring the device's GEMM / memory peaks")
     p.add_argument("--no-vq-decode", action="store_true",
                    help="time token generation only (latency = GPT time); the VQ decode is the same in every mode")
-    p.add_argument("--compare-reference", metavar="LLAMAGEN_CHECKOUT",
-                   help="also time LlamaGen's own generate() on the same weights")
+    p.add_argument("--compare-reference", metavar="CHECKOUT",
+                   help="also time the reference code on the same weights: LlamaGen's generate() for a LlamaGen "
+                        "model, VAR's autoregressive_infer_cfg() (image decode included) for a VAR model")
     p.add_argument("--reference-batch-sizes", default="1,8", help="batch sizes of the --compare-reference runs")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the tables as markdown")

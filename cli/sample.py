@@ -67,7 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    kind, out = convert(args.input, args.output, args.preset, args.image_size)
+    kind, out = convert(args.input, args.output, args.preset, args.image_size, vae=args.vae)
     print(f"converted {kind} checkpoint {args.input} -> {out}")
     return 0
 
@@ -137,9 +137,12 @@ def add_sample_commands(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("convert", help="convert a LlamaGen/CCA .pt checkpoint to safetensors + config.json")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("convert", help="convert a LlamaGen/CCA .pt or VAR .pth checkpoint to safetensors + "
+                       "config.json")
+    p.add_argument("input", help="the checkpoint: LlamaGen GPT or VQ, VAR transformer or VQVAE (kind read from "
+                   "its keys)")
+    p.add_argument("output", help="directory to write")
+    p.add_argument("--vae", default=None, help="VAR transformers: their VQVAE checkpoint (sets the scales)")
     p.add_argument("--preset", default=None, help="GPT or VQ preset (inferred when omitted)")
     p.add_argument("--image-size", type=int, choices=[256, 384, 512], default=None)
     p.set_defaults(func=cmd_convert)

@@ -343,17 +343,30 @@ def filter_var_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 
 
 def sample_scale(logits: torch.Tensor, key: int, first_token: int, options: SamplingOptions) -> torch.Tensor:
-    """One image's tokens for one scale: logits [l, V] -> ids [l], from the image's own seeded
-    noise (a hash of seed and token index), so the draw never depends on the batch."""
+    """One image's tokens for one scale: logits [l, V] -> ids [l], with VAR's top-k / top-p rules,
+    from the image's own seeded noise (a hash of seed and token index), so the draw never depends
+    on the batch. Works on the top-k candidates only (sorted once), not the whole vocabulary."""
     if options.top_k == 1 or options.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / max(options.temperature, 1e-5)
-    probs = torch.softmax(filter_var_logits(logits, options.top_k, options.top_p), dim=-1)
-    cdf = probs.cumsum(dim=-1)
+    if 0 < options.top_k < logits.shape[-1]:
+        kth = logits.topk(options.top_k, dim=-1).values[:, -1:]
+        kept = int((logits >= kth).sum(dim=-1).max())  # ties at the k-th value stay, as VAR keeps them
+        values, order = logits.topk(kept, dim=-1)  # descending
+        values = values.masked_fill(values < kth, -torch.inf)
+    else:
+        values, order = logits.sort(dim=-1, descending=True)
+    if options.top_p < 1.0:
+        probs = values.softmax(dim=-1)
+        mass_up_to = probs.flip(-1).cumsum(dim=-1).flip(-1)  # VAR's ascending cumulative probability
+        remove = mass_up_to <= (1 - options.top_p)
+        remove[:, 0] = False  # never the most likely token
+        values = values.masked_fill(remove, -torch.inf)
+    cdf = values.softmax(dim=-1).cumsum(dim=-1)
     index = torch.arange(first_token, first_token + len(logits), device=logits.device)
     u = uniform_noise(torch.full((len(logits),), key, dtype=torch.int64, device=logits.device), index)
-    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    pick = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(1, pick).squeeze(1)
 
 
 def smooth_embedding(logits: torch.Tensor, key: int, first_token: int, scale: int, num_scales: int,

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import offline as bench
 from cli import main
@@ -72,3 +73,20 @@ def test_bench_cli_online_against_a_server(models, tmp_path):
     for r in report["runs"]:
         assert set(r["statuses"]) == {"200"} and set(r["modes"]) <= {"cfg", "cca"}
         assert r["server_stats"]["overall"]["images"] >= r["images"]
+
+
+def test_offline_bench_runs_a_var_model():
+    from samplers import Pipeline
+
+    pipe = Pipeline.from_registry("tiny-var-random")
+    report = bench.run_offline(pipe, ["free", "cfg", "cca"], [1, 2], repeats=1, progress=False)
+    cells = {(c["mode"], c["batch"]): c for c in report["cells"]}
+    for (mode, _), c in cells.items():
+        assert c["rows_x_steps_per_image"] == (2 if mode == "cfg" else 1) * 4  # 4 scales, one step each
+    assert cells[("cfg", 2)]["gflop_per_batch"] == pytest.approx(2 * cells[("free", 2)]["gflop_per_batch"], rel=1e-6)
+    # one scale step of one row: every per-token linear for each of its tokens, the AdaLN ones once
+    var = pipe.gpt
+    flops, _ = bench.decode_work(var, [1])
+    per_row = sum(m.weight.numel() for n, m in var.named_modules() if isinstance(m, torch.nn.Linear) and "ada_lin" in n)
+    per_token = bench.matmul_params(var) - per_row
+    assert flops == 2 * per_token + 2 * per_row + 4 * var.config.depth * var.config.embed_dim

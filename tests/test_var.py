@@ -192,3 +192,18 @@ def test_custom_small_var_builds_and_samples():
                      "z_channels": 8, "patch_nums": [1, 2, 4]}, vae)
     tokens = samplers.generate(var, [0, 4], seeds=[1, 2], cfg_scale=2.0)
     assert tokens.shape == (2, 21) and vae.decode_code(tokens).shape == (2, 3, 16, 16)
+
+
+def test_sampling_follows_vars_top_k_top_p_rules():
+    """Sampled tokens come from exactly the set VAR's rules keep, in proportion to their probability."""
+    from samplers.var import filter_var_logits, sample_scale
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 0.7
+    allowed = torch.isfinite(filter_var_logits(logits.clone(), 10, 0.7))[0]
+    probs = torch.softmax(filter_var_logits(logits.clone(), 10, 0.7), dim=-1)[0]
+    draws = torch.cat([sample_scale(logits.expand(500, -1), key, 500 * key, SamplingOptions(top_k=10, top_p=0.7))
+                       for key in range(40)])
+    counts = torch.bincount(draws, minlength=50).float() / len(draws)
+    assert allowed[draws].all() and 1 < int(allowed.sum()) <= 10
+    assert (counts - probs).abs().max() < 0.02
