@@ -186,17 +186,21 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), Linear(c, 6 * c))
 
-    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """cond [B, C] (the class embedding, or the shared AdaLN's [B, 1, 6, C]) -> six [B, 1, C]."""
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond [B, C] (the class embedding, or the shared AdaLN's [B, 1, 6, C]) -> [B, 1, 6, C]:
+        gamma1, gamma2, scale1, scale2, shift1, shift2."""
         c = self.attn.proj.weight.shape[0]
         if hasattr(self, "ada_gss"):
-            return (self.ada_gss + cond).unbind(2)
-        return self.ada_lin(cond).view(-1, 1, 6, c).unbind(2)
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, c)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Any,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
         """``attend(q, k, v)`` does the attention itself: masked (teacher forcing) or against the
-        cache (sampling)."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        cache (sampling). ``modulation`` [B, 1, 6, C], when given, replaces ``modulation(cond)`` (the
+        sampler computes it once per image: it depends on the class only)."""
+        mods = self.modulation(cond) if modulation is None else modulation
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
         ln = F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)
         x = x + _drop_path(attend(*self.attn.qkv(ln * (scale1 + 1) + shift1)) * gamma1, self.drop_path,
                            self.training)
@@ -210,8 +214,12 @@ class AdaLNBeforeHead(nn.Module):
         self.norm_eps = config.norm_eps
         self.ada_lin = nn.Sequential(nn.SiLU(), Linear(config.embed_dim, 2 * config.embed_dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond [B, C] -> [B, 1, 2, C]: scale, shift."""
+        return self.ada_lin(cond).view(len(cond), 1, 2, -1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = (self.modulation(cond) if modulation is None else modulation).unbind(2)
         return F.layer_norm(x, x.shape[-1:], eps=self.norm_eps) * (scale + 1) + shift
 
 
@@ -282,8 +290,15 @@ class VAR(nn.Module):
         """Scale 0's input [B, first, C] (without the level/position embedding)."""
         return cond[:, None] + self.pos_start
 
-    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(x.float(), cond)).float()
+    def logits(self, x: torch.Tensor, cond: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.head_nm(x.float(), cond, modulation)).float()
+
+    def row_modulations(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything a row's class fixes for the whole image, computed once: (class embedding [R, C],
+        block modulations [R, depth, 6, C], head modulation [R, 2, C])."""
+        emb, ada = self.condition(labels)
+        blocks = torch.stack([block.modulation(ada)[:, 0] for block in self.blocks], dim=1)
+        return emb, blocks, self.head_nm.modulation(emb)[:, 0]
 
     def forward(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Teacher forcing (VAR's ``forward``). cond [B] class ids (the null class is
@@ -394,7 +409,8 @@ class _VARImage:
         self.scale = 0
         self.f_hat = torch.zeros(f_hat_shape, device=device, dtype=torch.float32)
         self.next_input: torch.Tensor | None = None  # [l, C] word-embedded input of the coming scale
-        self.cond: torch.Tensor | None = None  # [C] class embedding of the conditional row
+        # per row of the image (cond, then uncond): class embedding, block and head modulations
+        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class VARDecoder:
@@ -499,16 +515,16 @@ class VARDecoder:
         var, config = self.var, self.var.config
         start = config.scale_starts[scale]
         end = start + config.patch_nums[scale] ** 2
-        rows, labels = [], []
+        rows = []
         for state in states:
             job = state.job
-            rows.append(job.cond_row)
-            labels.append(job.class_id)
-            if job.uncond_row >= 0:
-                rows.append(job.uncond_row)
-                labels.append(config.null_class)
-        label_t = torch.tensor(labels, device=var.device)
-        emb, ada = var.condition(label_t)
+            rows += [job.cond_row] + ([job.uncond_row] if job.uncond_row >= 0 else [])
+            if state.rows is None:  # what the class fixes, once per image (VAR recomputes it every scale)
+                labels = [job.class_id] + ([config.null_class] if job.uncond_row >= 0 else [])
+                state.rows = var.row_modulations(torch.tensor(labels, device=var.device))
+        emb = torch.cat([state.rows[0] for state in states])
+        block_mods = torch.cat([state.rows[1] for state in states])[:, :, None]  # [R, depth, 1, 6, C]
+        head_mods = torch.cat([state.rows[2] for state in states])[:, None]  # [R, 1, 2, C]
         if scale == 0:
             h = var.first_input(emb)
         else:
@@ -520,9 +536,9 @@ class VARDecoder:
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         row_index = None if contiguous else torch.tensor(rows, device=var.device)
         for i, block in enumerate(var.blocks):
-            h = block(h, ada, lambda q, k, v, i=i, blk=block: blk.attn.attend(
-                q, *self._cache(i, rows, row_index, k, v, start, end), None))
-        logits = var.logits(h, emb)
+            h = block(h, None, lambda q, k, v, i=i, blk=block: blk.attn.attend(
+                q, *self._cache(i, rows, row_index, k, v, start, end), None), block_mods[:, i])
+        logits = var.logits(h, emb, head_mods)
         out, at = [], 0
         for state in states:
             job = state.job
