@@ -291,7 +291,8 @@ class VAR(nn.Module):
         return cond[:, None] + self.pos_start
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.head_nm(x.float(), cond, modulation)).float()
+        # the final norm in fp32, as VAR; the head in the weights' dtype, logits back to fp32
+        return self.head(self.head_nm(x.float(), cond, modulation).to(self.head.weight.dtype)).float()
 
     def row_modulations(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything a row's class fixes for the whole image, computed once: (class embedding [R, C],

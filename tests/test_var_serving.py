@@ -96,3 +96,23 @@ def test_var_options_are_checked(live):
     r = httpx.get(f"{server.url}/compare", params={"model": "tiny-var-random", "class": 5, "format": "json",
                                                    "cfg_schedule": "constant"})
     assert r.status_code == 200 and len(r.json()["images"]) == 4
+
+
+def test_sample_fid_writes_a_var_evaluation_set(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "s"
+    assert cli_main(["sample-fid", "--model", "tiny-var-random", "--mode", "cfg", "--num-images", "6",
+                     "--per-proc-batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    assert len(list(out.glob("*.png"))) == 6
+    with np.load(f"{out}.npz") as data:
+        assert data["arr_0"].shape == (6, 64, 64, 3)
+
+
+def test_var_runs_in_bf16():
+    """The dtype path CUDA uses (bf16 weights and cache, fp32 logits and VAE), exercised on CPU."""
+    import torch
+
+    pipe = Pipeline.from_registry("tiny-var-random", dtype=torch.bfloat16)
+    result = pipe([207], "cfg", [1], top_k=40)[0]
+    assert len(result.tokens) == 85 and result.image.size == (64, 64)
