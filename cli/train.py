@@ -18,10 +18,19 @@ from typing import Any
 import torch
 
 from evaluation import evaluate
-from samplers.checkpoint import load_gpt, load_vq, save_pretrained
+from samplers.checkpoint import (
+    checkpoint_kind,
+    load_gpt,
+    load_var,
+    load_var_vae,
+    load_vq,
+    read_checkpoint,
+    save_pretrained,
+)
 from samplers.gpt import GPT_PRESETS
+from samplers.var import VAR
 from training import shapes
-from training.recipes import PAPER_LLAMAGEN, RECIPES, cca_recipe, describe
+from training.recipes import PAPER_LLAMAGEN, PAPER_VAR, RECIPES, cca_recipe, describe
 from training.trainers import (
     CCATrainArgs,
     CodeData,
@@ -29,6 +38,7 @@ from training.trainers import (
     RunSetup,
     VQTrainArgs,
     extract_codes,
+    extract_var_codes,
     train_cca,
     train_gpt,
     train_vq,
@@ -51,6 +61,14 @@ def cmd_train_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_codes(args: argparse.Namespace) -> int:
+    data = extract_var_codes(load_var_vae(args.vae), args.images, flip=not args.no_flip, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    data.save(args.out)
+    print(f"wrote {len(data)} images' codes ({data.seq_len} tokens, all scales) to {args.out}")
+    return 0
+
+
 def cmd_train_gpt(args: argparse.Namespace) -> int:
     data = CodeData.load(args.codes)
     config = {"dim": args.dim, "n_layer": args.n_layer, "n_head": args.n_head, "block_size": data.seq_len,
@@ -69,6 +87,9 @@ _RECIPE_FLAGS = ("lam", "beta", "uncond_ratio", "lr", "epochs", "batch_size", "d
 
 def _preset_of(model: torch.nn.Module) -> str | None:
     c = model.config
+    if isinstance(model, VAR):
+        name = f"VAR-d{c.depth}"
+        return name if name in PAPER_VAR and c.embed_dim == 64 * c.depth else None
     return next((name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (c.dim, c.n_layer)), None)
 
 
@@ -76,7 +97,8 @@ def cca_args_from(args: argparse.Namespace, ref: torch.nn.Module) -> tuple[CCATr
     """The fine-tune's settings: the recipe's (the paper's row for a LlamaGen preset; the toy one
     for anything else), then every flag given explicitly. Returns them with a line describing them."""
     preset = args.recipe_model or _preset_of(ref)
-    recipe = args.recipe if args.recipe != "auto" else ("paper" if preset in PAPER_LLAMAGEN else "toy")
+    known = preset in PAPER_LLAMAGEN or preset in PAPER_VAR
+    recipe = args.recipe if args.recipe != "auto" else ("paper" if known else "toy")
     settings = cca_recipe(recipe, preset, args.target)
     overrides = {k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None}
     settings.update(overrides)
@@ -86,8 +108,17 @@ def cca_args_from(args: argparse.Namespace, ref: torch.nn.Module) -> tuple[CCATr
     return CCATrainArgs(loss=args.loss, seed=args.seed, max_steps=args.max_steps, **settings), line
 
 
+def load_reference(args: argparse.Namespace) -> torch.nn.Module:
+    """--ref: a LlamaGen GPT, or a VAR (which needs --vae), told apart by its keys."""
+    if checkpoint_kind(read_checkpoint(args.ref)[0]) == "var":
+        if not args.vae:
+            raise SystemExit("error: --ref is a VAR transformer: give its VQVAE with --vae")
+        return load_var(args.ref, load_var_vae(args.vae))
+    return load_gpt(args.ref, args.gpt_model, args.image_size)
+
+
 def cmd_train_cca(args: argparse.Namespace) -> int:
-    ref = load_gpt(args.ref, args.gpt_model, args.image_size)
+    ref = load_reference(args)
     cca_args, line = cca_args_from(args, ref)
     print(line, flush=True)
     data = CodeData.load(args.codes)
@@ -275,7 +306,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                         "authors-code: the same with the authors' code's constant lr, weight decay 0.05 and "
                         "summed micro-batch losses; toy: the embedded default model's; auto (default): paper for "
                         "a LlamaGen preset, else toy")
-    g.add_argument("--recipe-model", default=None, choices=sorted(PAPER_LLAMAGEN),
+    g.add_argument("--recipe-model", default=None, choices=sorted(PAPER_LLAMAGEN) + sorted(PAPER_VAR),
                    help="which Table 4 row (default: --ref's preset, from its shapes)")
     g.add_argument("--target", choices=["cca", "cca+cfg"], default="cca",
                    help="tune the guidance-free model (cca) or the one the cca+cfg mode guides (lambda 1)")
@@ -296,10 +327,21 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                         "does for LlamaGen")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--seed", type=int, default=0, help="data order and unconditional rows")
+    p.add_argument("--vae", default=None, help="VAR models: the VQVAE of --ref (vae_ch160v4096z32.pth)")
     p.add_argument("--gpt-model", default=None, help="GPT preset of --ref when it is a LlamaGen .pt")
     p.add_argument("--image-size", type=int, default=None)
     _add_run_setup_args(p)
     p.set_defaults(func=cmd_train_cca)
+
+    p = sub.add_parser("extract-codes", help="VAR: encode an ImageNet-layout image folder with the VQVAE into "
+                       "multi-scale codes for `train cca` (centre crop; the mirrored image as a second view)")
+    p.add_argument("--vae", required=True, help="VAR's VQVAE (vae_ch160v4096z32.pth or a safetensors dir)")
+    p.add_argument("--images", required=True, help="ROOT/CLASS/IMAGE folder; sorted class folders = labels")
+    p.add_argument("--out", required=True, help=".npz of codes [N, 680], labels and the flipped view")
+    p.add_argument("--no-flip", action="store_true", help="do not store the mirrored view")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded together")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract_codes)
 
     p = tsub.add_parser("evalnet", help="train the evaluation network on real Shapes-1k images")
     p.add_argument("--out", required=True)

@@ -170,6 +170,13 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
     _packed_key: tuple[int, int] = (0, -1)  # (storage address, version) of the weight it copies
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight behind (an opaque oneDNN tensor; rebuilt on use)."""
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        state.pop("_packed_key", None)
+        return state
+
     def pack(self) -> bool:
         w = self.weight
         if self.packed is not None and self._packed_key == (w.data_ptr(), w._version):

@@ -48,3 +48,15 @@ def test_constant_schedule_is_constant():
 
     constant = Schedule(100, 1e-5, warmup=0, min_lr_ratio=1.0)
     assert {constant(k) for k in range(100)} == {1e-5}
+
+
+@pytest.mark.parametrize("depth,lam,dropout", [(16, 50, False), (20, 50, True), (24, 100, True), (30, 1000, True)])
+def test_var_presets_get_their_table_4_column(depth, lam, dropout):
+    from samplers.var import VAR, VARConfig
+
+    with torch.device("meta"):
+        var = VAR(VARConfig.from_depth(depth))
+    assert _preset_of(var) == f"VAR-d{depth}"
+    args, line = cca_args_from(_args(), var)
+    assert (args.lam, args.beta, args.lr, args.batch_size, args.dropout) == (lam, 0.02, 2e-5, 256, dropout)
+    assert f"Table 4 row for VAR-d{depth}" in line

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from samplers.gpt import GPT
+from samplers.var import VAR
 
 PREFERENCE_LOSSES = ("cca", "dpo", "unlearn")
 
@@ -25,14 +26,25 @@ def code_logprobs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
-def token_logprobs(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """log p(codes[:, i] | cond, codes[:, :i]) for every position: [B, T] fp32."""
-    return code_logprobs(gpt(cond, codes[:, :-1]), codes)
+def teacher_inputs(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """What a family's ``forward(cond, inputs)`` takes to predict ``codes`` [B, T]: the codes shifted
+    by one (LlamaGen), or the next-scale inputs its VQVAE builds from them (VAR; no gradient)."""
+    if isinstance(model, VAR):
+        return model.vae.idx_to_var_input(model.vae.split_scales(codes))
+    return codes[:, :-1]
 
 
-def sequence_logprob(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """log p(x | c) summed over the image's tokens: [B]."""
-    return token_logprobs(gpt, cond, codes).sum(dim=1)
+def token_logprobs(model: torch.nn.Module, cond: torch.Tensor, codes: torch.Tensor,
+                   inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """log p of every code given the class and the codes before it (before its scale, for VAR):
+    [B, T] fp32. ``inputs`` (from ``teacher_inputs``) lets a wrapped model (DDP, FSDP) be called."""
+    return code_logprobs(model(cond, teacher_inputs(model, codes) if inputs is None else inputs), codes)
+
+
+def sequence_logprob(model: torch.nn.Module, cond: torch.Tensor, codes: torch.Tensor,
+                     inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x | c) summed over the image's tokens (all scales' for VAR: 680 at 256 px): [B]."""
+    return token_logprobs(model, cond, codes, inputs).sum(dim=1)
 
 
 def next_token_loss(gpt: GPT, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """CCA fine-tuning recipes: the paper's settings for real LlamaGen checkpoints, by preset, and the
 toy recipe of the embedded default model.
 
-``paper`` is Table 4 of the CCA paper (arXiv 2410.09347) for LlamaGen: beta 0.02, lambda by model
+``paper`` is Table 4 of the CCA paper (arXiv 2410.09347). LlamaGen: beta 0.02, lambda by model
 size, lr 1e-5, batch 256, dropout kept on, one epoch, 10% unconditional rows; the model that
-``cca+cfg`` guides is tuned apart with lambda 1 (beta 0.1, or 0.02 for GPT-L).
+``cca+cfg`` guides is tuned apart with lambda 1 (beta 0.1, or 0.02 for GPT-L). VAR: beta 0.02,
+lambda 50 / 50 / 100 / 1000 for d16 / d20 / d24 / d30, lr 2e-5, batch 256, one epoch, drop-path as
+VAR trains (none for d16).
 
 Where the authors' public code differs from what this trainer does by default, and the option
 that gives their choice (``authors-code`` turns on all three):
@@ -25,6 +27,10 @@ PAPER_LLAMAGEN = {
     "GPT-XXL": (1000.0, 0.1),
     "GPT-3B": (500.0, 0.1),
 }
+# Table 4, VAR columns: CCA lambda by depth; drop-path as VAR trains (0.1 * depth / 24), none for d16
+PAPER_VAR = {"VAR-d16": 50.0, "VAR-d20": 50.0, "VAR-d24": 100.0, "VAR-d30": 1000.0}
+PAPER_VAR_COMMON = {"beta": 0.02, "uncond_ratio": 0.1, "lr": 2e-5, "epochs": 1.0, "batch_size": 256,
+                    "lr_schedule": "cosine", "weight_decay": 0.0, "accumulate": "mean"}
 PAPER_COMMON = {"beta": 0.02, "uncond_ratio": 0.1, "lr": 1e-5, "epochs": 1.0, "batch_size": 256, "dropout": True,
                 "lr_schedule": "cosine", "weight_decay": 0.0, "accumulate": "mean"}
 AUTHORS_CODE = {"lr_schedule": "constant", "weight_decay": 0.05, "accumulate": "sum"}
@@ -46,9 +52,16 @@ def cca_recipe(recipe: str, preset: str | None, target: str = "cca") -> dict[str
         raise ValueError(f"target must be cca or cca+cfg, got {target!r}")
     if recipe == "toy":
         return dict(TOY_CCA, **({"lam": 1.0} if target == "cca+cfg" else {}))
+    if preset in PAPER_VAR:
+        if target == "cca+cfg":
+            raise ValueError("the paper tunes no VAR model for cca+cfg (Table 4 has no VAR CCA+CFG column)")
+        out = dict(PAPER_VAR_COMMON, lam=PAPER_VAR[preset], dropout=preset != "VAR-d16")
+        if recipe == "authors-code":
+            out.update(AUTHORS_CODE)
+        return out
     if preset not in PAPER_LLAMAGEN:
-        raise ValueError(f"the paper gives settings for {sorted(PAPER_LLAMAGEN)}, not {preset!r}; pass "
-                         "--recipe-model or use --recipe toy with explicit flags")
+        raise ValueError(f"the paper gives settings for {sorted(PAPER_LLAMAGEN) + sorted(PAPER_VAR)}, not "
+                         f"{preset!r}; pass --recipe-model or use --recipe toy with explicit flags")
     lam, cfg_beta = PAPER_LLAMAGEN[preset]
     out = dict(PAPER_COMMON, lam=lam)
     if target == "cca+cfg":
@@ -66,4 +79,5 @@ def describe(recipe: str, preset: str | None, target: str, settings: dict[str, A
     return f"CCA recipe '{recipe}' ({source[recipe]}; target {target}): {shown}"
 
 
-__all__ = ["cca_recipe", "describe", "PAPER_LLAMAGEN", "PAPER_COMMON", "AUTHORS_CODE", "TOY_CCA", "RECIPES"]
+__all__ = ["cca_recipe", "describe", "PAPER_LLAMAGEN", "PAPER_VAR", "PAPER_COMMON", "PAPER_VAR_COMMON",
+           "AUTHORS_CODE", "TOY_CCA", "RECIPES"]

@@ -25,10 +25,18 @@ from tqdm.auto import tqdm
 
 from samplers.checkpoint import save_pretrained
 from samplers.gpt import GPT, build_gpt
+from samplers.var import VAR, build_var
 from samplers.vq import VQModel, build_vq
 
 from . import distributed, shapes
-from .losses import contrastive_pairs, next_token_loss, preference_loss, reward_stats, sequence_logprob
+from .losses import (
+    contrastive_pairs,
+    next_token_loss,
+    preference_loss,
+    reward_stats,
+    sequence_logprob,
+    teacher_inputs,
+)
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -70,7 +78,7 @@ class CodeData:
         path = Path(path)
         if path.suffix == ".npz":
             with np.load(path) as data:
-                return cls(data["codes"], data["labels"])
+                return cls(data["codes"], data["labels"], data["augmentations"] if "augmentations" in data else None)
         if not path.is_dir():
             raise FileNotFoundError(f"no code file or folder at {path}")
         code_dir = path if path.name.endswith("_codes") else next(iter(sorted(path.glob("*_codes"))), None)
@@ -93,8 +101,10 @@ class CodeData:
         return cls(stacked[:, 0], labels, stacked if stacked.shape[1] > 1 else None)
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, codes=self.codes.numpy().astype(np.int16 if self.codes.max() < 32768 else np.int32),
-                            labels=self.labels.numpy().astype(np.int16))
+        small = np.int16 if self.codes.max() < 32768 else np.int32
+        extra = {} if self.augmentations is None else {"augmentations": self.augmentations.numpy().astype(small)}
+        np.savez_compressed(path, codes=self.codes.numpy().astype(small), labels=self.labels.numpy().astype(np.int16),
+                            **extra)
 
     def save_llamagen(self, folder: str | Path, name: str = "shapes") -> None:
         """Write LlamaGen's layout: ``<name>_codes/{i}.npy`` [1, 1, T] and ``<name>_labels/{i}.npy`` [1]."""
@@ -123,6 +133,58 @@ class CodeData:
                     pick = torch.randint(self.augmentations.shape[1], (len(idx),), generator=gen)
                     yield self.augmentations[idx, pick].long(), self.labels[idx]
                 done += 1
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG")
+
+
+def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageNet-layout folder (one sub-folder per class, sorted names = label order): files,
+    labels, class folder names."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class sub-folders (ImageNet layout: ROOT/CLASS/IMAGE)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix in IMAGE_SUFFIXES or f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"{root}: no images in its class folders")
+    return files, labels, classes
+
+
+def _load_square(path: Path, size: int) -> torch.Tensor:
+    """Shorter side resized to ``size`` (bicubic), centre crop: [3, size, size] in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.inference_mode()
+def extract_var_codes(vae: torch.nn.Module, images: str | Path, flip: bool = True, batch_size: int = 16,
+                      progress: bool = True) -> CodeData:
+    """Multi-scale codes of an image folder with VAR's VQVAE: [N, L] (all scales, coarse to fine),
+    and with ``flip`` the mirrored image as a second stored augmentation that training draws from."""
+    files, labels, _ = image_folder(images)
+    size = vae.config.image_size
+    views: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(files), batch_size), desc="extract codes", unit="batch", disable=not progress):
+        batch = torch.stack([_load_square(f, size) for f in files[start : start + batch_size]]).to(vae.device)
+        variants = [batch, batch.flip(-1)] if flip else [batch]
+        codes = [torch.cat(vae.img_to_idx(v), dim=1).cpu() for v in variants]
+        views.append(torch.stack(codes, dim=1))  # [b, A, L]
+    stacked = torch.cat(views).numpy()
+    return CodeData(stacked[:, 0], np.asarray(labels), stacked if flip else None)
 
 
 # ---- shared loop pieces ---------------------------------------------------------------------
@@ -384,7 +446,7 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
     full = distributed.full_model_state(model)
     trained = None
     if env.is_main:
-        trained = build_gpt(config)
+        trained = build_var(config, policy.vae) if isinstance(policy, VAR) else build_gpt(config)
         trained.load_state_dict(full)
         trained.eval().requires_grad_(False)
         if out_dir is not None:
@@ -470,15 +532,18 @@ class CCATrainArgs:
     accumulate: str = "mean"  # micro-batch losses averaged; "sum" as the authors' code
 
 
-def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATrainArgs | None = None,
-              progress: bool = True, setup: RunSetup | None = None) -> GPT | None:
-    """Fine-tune a copy of ``ref`` with a preference loss; ``ref`` stays frozen as the reference.
+def train_cca(out_dir: str | Path | None, ref: GPT | VAR, data: CodeData, args: CCATrainArgs | None = None,
+              progress: bool = True, setup: RunSetup | None = None) -> GPT | VAR | None:
+    """Fine-tune a copy of ``ref`` (a LlamaGen GPT or a VAR) with a preference loss; ``ref`` stays
+    frozen as the reference.
 
     Per micro-batch: positives (x, c), negatives (x, roll(c)) rolled within the micro-batch (as the
     public code does per rank), and a share of rows made unconditional on both sides. One forward
     of the trained model and one of the reference over the 2B rows give the implicit rewards
-    r = log p_theta - log p_ref summed over each image's tokens. Runs under torchrun (see
-    ``RunSetup``); returns the model on rank 0, None elsewhere.
+    r = log p_theta - log p_ref summed over each image's tokens. For VAR the codes are all scales'
+    tokens and the model is fed the continuous next-scale inputs its VQVAE builds from them (VAR's
+    teacher forcing); its labels are never dropped (cond_drop_rate 0, as the CCA code). Runs under
+    torchrun (see ``RunSetup``); returns the model on rank 0, None elsewhere.
     """
     args = args or CCATrainArgs()
     setup = setup or RunSetup()
@@ -491,7 +556,12 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
     # dropout (default), or both with it (independent masks, as the public code's keep_dropout)
     caller_mode = ref.training
     ref = ref.float().train(args.dropout).requires_grad_(False)
-    policy = copy.deepcopy(ref).requires_grad_(True)
+    if isinstance(ref, VAR):
+        ref.config.cond_drop_rate = 0.0  # CCA's VAR trainer: labels stay as given, in both models
+        policy = copy.deepcopy(ref, memo={id(ref.vae): ref.vae}).requires_grad_(True)  # one shared VQVAE
+    else:
+        policy = copy.deepcopy(ref).requires_grad_(True)
+    inputs_of = ref  # builds the teacher-forcing inputs (the wrapped models only take them)
     steps = int(args.epochs * len(data) // args.batch_size)
     if args.max_steps is not None:
         steps = min(steps, args.max_steps)
@@ -502,6 +572,8 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
     frozen: dict[str, torch.nn.Module] = {}
 
     def prepare(env: distributed.DistEnv) -> None:  # the reference is sharded like the policy under FSDP
+        if isinstance(ref, VAR):
+            ref.vae.to(env.device)  # held by both models, not a submodule of either
         frozen["ref"] = distributed.wrap(ref, env, "fsdp") if setup.strategy == "fsdp" else ref.to(env.device)
 
     def split(codes: torch.Tensor, labels: torch.Tensor, parts: int) -> list[Micro]:
@@ -514,8 +586,9 @@ def train_cca(out_dir: str | Path | None, ref: GPT, data: CodeData, args: CCATra
     def loss_fn(model: torch.nn.Module, micro: Micro) -> tuple[torch.Tensor, dict[str, float]]:
         both, cond, flags = micro
         with torch.no_grad():
-            ref_lp = sequence_logprob(frozen["ref"], cond, both)
-        gap = sequence_logprob(model, cond, both).float() - ref_lp.float()
+            inputs = teacher_inputs(inputs_of, both)
+            ref_lp = sequence_logprob(frozen["ref"], cond, both, inputs)
+        gap = sequence_logprob(model, cond, both, inputs).float() - ref_lp.float()
         pos_gap, neg_gap = gap.chunk(2)
         loss = preference_loss(args.loss, pos_gap, neg_gap, flags, args.lam, args.beta)
         return loss, reward_stats(pos_gap.detach(), neg_gap.detach(), flags, args.beta)

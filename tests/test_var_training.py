@@ -1,0 +1,100 @@
+"""CCA for VAR: the paper's loss on VAR's own log-likelihoods, a few steps that learn, checkpoints in
+VAR's layout, and 2 gloo ranks equal to one process accumulating the same micro-batches."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import samplers
+from samplers import load_var, load_var_vae, save_pretrained
+from tests.conftest import GOLDEN
+from tests.test_distributed import _ccaserve, _run, _torchrun
+from training.losses import contrastive_pairs, preference_loss, sequence_logprob, teacher_inputs
+from training.trainers import CCATrainArgs, CodeData, extract_var_codes, train_cca
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    vae = load_var_vae(GOLDEN / "var_tiny_vae.pt")
+    return vae, load_var(GOLDEN / "var_tiny_var.pt", vae)
+
+
+def _codes(var, n=32, seed=0) -> CodeData:
+    """The model's own samples as training data (tokens of all scales, their classes)."""
+    labels = [i % 10 for i in range(n)]
+    tokens = samplers.generate(var, labels, seeds=[seed * 1000 + i for i in range(n)], top_k=20)
+    return CodeData(tokens.numpy(), np.asarray(labels))
+
+
+def test_var_log_likelihood_is_vars_and_the_loss_is_the_formula(tiny):
+    vae, var = tiny
+    e = torch.load(GOLDEN / "var_tiny_expected.pt", weights_only=True)
+    with torch.no_grad():
+        lp = sequence_logprob(var, e["tf_labels"], e["gt_BL"])
+    torch.testing.assert_close(lp, e["tf_seq_logp"], rtol=0, atol=2e-3)  # summed over 55 tokens
+    # the CCA loss on these log-likelihoods is the spec's formula, written out by hand
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.cat([e["gt_BL"]] * 3)
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    pairs = contrastive_pairs(labels, 10, 0.0, gen)
+    with torch.no_grad():
+        pos, neg = sequence_logprob(var, pairs.pos, codes), sequence_logprob(var, pairs.neg, codes)
+    ref_pos, ref_neg = pos - 1.0, neg + 0.5  # a reference with known gaps
+    lam, beta = 50.0, 0.02
+    loss = preference_loss("cca", pos - ref_pos, neg - ref_neg, pairs.negative_is_positive, lam, beta)
+    by_hand = (-torch.nn.functional.logsigmoid(torch.tensor(beta * 1.0)) * 6
+               - lam * torch.nn.functional.logsigmoid(torch.tensor(beta * 0.5)) * 6) / 6 / lam
+    assert not pairs.negative_is_positive.any()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_a_few_cca_steps_learn_and_save_in_vars_layout(tiny, tmp_path):
+    vae, var = tiny
+    data = _codes(var)
+    args = CCATrainArgs(lam=10.0, beta=0.1, lr=3e-3, batch_size=8, max_steps=12, uncond_ratio=0.1, epochs=3.0,
+                        dropout=False)
+    tuned = train_cca(tmp_path / "cca", var, data, args, progress=False)
+    history = __import__("json").loads((tmp_path / "cca" / "train_log.json").read_text())["history"]
+    first, last = history[0], history[-1]
+    assert last["loss"] < first["loss"] and last["reward_acc"] > first["reward_acc"]
+    # the tuned model loads here and has VAR's keys and shapes (VAR's own code loads it strictly)
+    again = load_var(tmp_path / "cca", vae)
+    theirs = torch.load(GOLDEN / "var_tiny_var.pt", weights_only=True)
+    mine = load_file(str(tmp_path / "cca" / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in mine.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    x = teacher_inputs(var, torch.from_numpy(np.asarray(data.codes[:2])))
+    with torch.no_grad():
+        torch.testing.assert_close(again(data.labels[:2], x), tuned(data.labels[:2], x), rtol=0, atol=1e-5)
+    torch.save(tuned.state_dict(), tmp_path / "VAR_tiny_CCA.pth")  # a top-level state dict, as the CCA release
+    load_var(tmp_path / "VAR_tiny_CCA.pth", vae)
+
+
+def test_extract_codes_from_an_image_folder(tiny, tmp_path):
+    vae, _ = tiny
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (90, 100, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    data = extract_var_codes(vae, tmp_path / "imgs", progress=False)
+    assert data.codes.shape == (6, 55) and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.augmentations.shape == (6, 2, 55)  # the image and its mirror
+    data.save(tmp_path / "codes.npz")
+    back = CodeData.load(tmp_path / "codes.npz")
+    assert torch.equal(back.augmentations.long(), data.augmentations.long())
+
+
+def test_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
+    vae, var = tiny
+    save_pretrained(var, tmp_path / "ref")
+    save_pretrained(vae, tmp_path / "vae")
+    _codes(var, n=16).save(tmp_path / "codes.npz")
+    common = ["train", "cca", "--ref", "ref", "--vae", "vae", "--codes", "codes.npz", "--batch-size", "8",
+              "--max-steps", "2", "--lr", "1e-3", "--lambda", "10", "--beta", "0.1", "--uncond-ratio", "0.25",
+              "--no-dropout"]
+    _run(_torchrun(*common, "--out", "ddp"), tmp_path)
+    _run(_ccaserve(*common, "--out", "accum", "--grad-accum", "2"), tmp_path)
+    a, b, ref = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ddp", "accum", "ref"))
+    assert max((a[k].float() - ref[k].float()).abs().max().item() for k in a) > 1e-4  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
