@@ -101,11 +101,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import ModelServer, create_app
     from server.engine import Engine
     from server.http import uvicorn_config
+    from server.pool import EnginePool
 
-    engines = {}
-    for pipe in pipelines_from_args(args):
-        engines[pipe.name] = Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue,
-                                    request_timeout_s=args.timeout)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else [args.device]
+    replicas: dict[str, list[Engine]] = {}
+    for device in devices:  # one engine per device; a model's replicas share its stats
+        for pipe in pipelines_from_args(argparse.Namespace(**{**vars(args), "device": device})):
+            same = replicas.setdefault(pipe.name, [])
+            same.append(Engine(pipe, max_rows=args.max_rows, max_queue=args.max_queue,
+                               request_timeout_s=args.timeout, stats=same[0].stats if same else None))
+    engines = {name: reps[0] if len(reps) == 1 else EnginePool(reps) for name, reps in replicas.items()}
     server = ModelServer(engines)
     app = create_app(server)
     if not args.no_ui:
@@ -158,6 +163,9 @@ def add_sample_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=64, help="KV-cache rows per model per step (batch bound)")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests before 503")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request fails with 504")
+    p.add_argument("--devices", default=None,
+                   help="one engine per device, e.g. cuda:0,cuda:1 (each model replicated on each; requests go "
+                        "where rows are free; /stats lists the devices). Default: --device")
     p.add_argument("--no-ui", action="store_true", help="API only")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     add_model_args(p, multiple_models=True)

@@ -336,6 +336,7 @@ def create_app(server: ModelServer) -> FastAPI:
         snap["queue"] = {"length": engine.queue_length(), "max": engine.max_queue}
         snap["rows_in_use"] = engine.rows_in_use()
         snap["max_rows_per_step"] = engine.max_rows
+        snap["devices"] = engine.devices()
         return snap
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="The /stats numbers in Prometheus text format")

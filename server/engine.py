@@ -151,6 +151,11 @@ class Engine:
     def queue_length(self) -> int:
         return len(self._pending)
 
+    def devices(self) -> list[dict[str, object]]:
+        """This engine's device, rows in use, queue and images finished (one entry; a pool lists its replicas)."""
+        return [{"device": str(self.pipeline.gpt.device), "rows_in_use": self.rows_in_use(), "max_rows": self.max_rows,
+                 "queue": self.queue_length(), "images": self._images_done}]
+
     def rows_in_use(self) -> dict[str, int]:
         return {k: d.rows_in_use for k, d in self.decoders.items()}
 
@@ -257,6 +262,7 @@ class Engine:
             return
         self.stats.image(ImageRecord(time.time(), req.mode, result.latency_s, result.queue_wait_s,
                                      result.rows_x_steps, len(result.tokens), result.rows))
+        self._images_done += 1
         _settle(req.future, result)
 
     def _fail_running(self, error: Exception, keys: list[str] | None = None) -> None:
