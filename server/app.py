@@ -342,7 +342,18 @@ def create_app(server: ModelServer) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse, summary="The /stats numbers in Prometheus text format")
     async def metrics(server: Server) -> PlainTextResponse:
         engine = server.engine(None)
-        return PlainTextResponse(prometheus(engine.stats.snapshot()), media_type="text/plain; version=0.0.4")
+        lines = [prometheus(engine.stats.snapshot()).rstrip("\n"),
+                 "# HELP ccaserve_queue_length Requests waiting for rows, by model (scale out when it stays > 0).",
+                 "# TYPE ccaserve_queue_length gauge",
+                 *(f'ccaserve_queue_length{{model="{name}"}} {e.queue_length()}' for name, e in server.engines.items()),
+                 "# HELP ccaserve_rows_busy_fraction Share of the KV-cache rows in use, by model and device.",
+                 "# TYPE ccaserve_rows_busy_fraction gauge"]
+        for name, e in server.engines.items():
+            for i, d in enumerate(e.devices()):
+                busy = sum(d["rows_in_use"].values()) / max(1, d["max_rows"] * len(d["rows_in_use"]))
+                lines.append(f'ccaserve_rows_busy_fraction{{model="{name}",device="{d["device"]}",replica="{i}"}} '
+                             f"{busy:.4f}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def root(request: Request) -> RedirectResponse:

@@ -52,3 +52,12 @@ def test_cli_serve_builds_one_engine_per_device(monkeypatch):
     assert ns.func(ns) == 0
     engine = captured["server"].engines["tiny-random"]
     assert isinstance(engine, EnginePool) and len(engine.engines) == 2
+
+
+def test_metrics_expose_the_signals_to_scale_on():
+    engine = Engine(Pipeline.from_registry("tiny-random"), max_rows=4)
+    with LiveServer(create_app(ModelServer({"tiny-random": engine}))) as server:
+        text = httpx.get(f"{server.url}/metrics").text
+    engine.close()
+    assert 'ccaserve_queue_length{model="tiny-random"} 0' in text
+    assert 'ccaserve_rows_busy_fraction{model="tiny-random",device="cpu",replica="0"} 0.0000' in text
