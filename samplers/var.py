@@ -443,7 +443,9 @@ class VARDecoder:
         self.rows_log: deque[int] = deque(maxlen=1 << 16)
         self.level_pos = None
         self.sample_fn = sample_scale  # tests swap it to force tokens
-        self.compiled = compile  # accepted for interface parity; the eager step is used
+        self.compiled = compile
+        # compile=True (meant for CUDA): the trunk of a step under torch.compile with static shapes
+        self._trunk = torch.compile(self._trunk_eager, dynamic=False) if compile else self._trunk_eager
         for module in var.modules():
             if isinstance(module, Linear):
                 module.pack()
@@ -534,12 +536,14 @@ class VARDecoder:
                 per_row += [state.next_input] * state.job.rows
             h = torch.stack(per_row)
         h = h + self.level_pos[:, start:end]
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        row_index = None if contiguous else torch.tensor(rows, device=var.device)
-        for i, block in enumerate(var.blocks):
-            h = block(h, None, lambda q, k, v, i=i, blk=block: blk.attn.attend(
-                q, *self._cache(i, rows, row_index, k, v, start, end), None), block_mods[:, i])
-        logits = var.logits(h, emb, head_mods)
+        if rows == list(range(rows[0], rows[0] + len(rows))):  # slots in a run: the cache is read as a view
+            logits = self._trunk(h, emb, block_mods, head_mods, rows[0], rows[0] + len(rows), start, end)
+        else:
+            row_index = torch.tensor(rows, device=var.device)
+            for i, block in enumerate(var.blocks):
+                h = block(h, None, lambda q, k, v, i=i, blk=block: blk.attn.attend(
+                    q, *self._cache(i, rows, row_index, k, v, start, end), None), block_mods[:, i])
+            logits = var.logits(h, emb, head_mods)
         out, at = [], 0
         for state in states:
             job = state.job
@@ -551,15 +555,27 @@ class VARDecoder:
             at += job.rows
         return out
 
-    def _cache(self, layer: int, rows: list[int], row_index: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+    def _trunk_eager(self, h: torch.Tensor, emb: torch.Tensor, block_mods: torch.Tensor, head_mods: torch.Tensor,
+                     lo: int, hi: int, start: int, end: int) -> torch.Tensor:
+        """The blocks and the head over cache rows lo..hi-1 at positions start..end-1 (static shapes:
+        what ``compile=True`` captures, one graph per scale and row count)."""
+        var = self.var
+        for i, block in enumerate(var.blocks):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk: AdaLNBlock = block,
+                       kc: torch.Tensor = kc, vc: torch.Tensor = vc) -> torch.Tensor:
+                kc[lo:hi, :, start:end] = k
+                vc[lo:hi, :, start:end] = v
+                return blk.attn.attend(q, kc[lo:hi, :, :end], vc[lo:hi, :, :end], None)
+
+            h = block(h, None, attend, block_mods[:, i])
+        return var.logits(h, emb, head_mods)
+
+    def _cache(self, layer: int, rows: list[int], row_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this scale's keys and values; return every key and value up to its end."""
+        """Rows in any slots: write this scale's keys and values; gather every key and value up to its end."""
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        if row_index is None:
-            span = slice(rows[0], rows[0] + len(rows))
-            kc[span, :, start:end] = k
-            vc[span, :, start:end] = v
-            return kc[span, :, :end], vc[span, :, :end]
         kc[row_index, :, start:end] = k
         vc[row_index, :, start:end] = v
         return kc[:, :, :end].index_select(0, row_index), vc[:, :, :end].index_select(0, row_index)
