@@ -353,6 +353,8 @@ def var_reference(pipe: Pipeline, var_path: str) -> torch.nn.Module:
         sys.path.insert(0, var_path)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        from models.basic_vae import Decoder as RefDecoder
+        from models.basic_vae import Encoder as RefEncoder
         from models.var import VAR as RefVAR
         from models.vqvae import VQVAE as RefVQVAE
     except ImportError as e:
@@ -361,6 +363,10 @@ def var_reference(pipe: Pipeline, var_path: str) -> torch.nn.Module:
     vc, c = vae.config, var.config
     ref_vae = RefVQVAE(vocab_size=vc.vocab_size, z_channels=vc.z_channels, ch=vc.ch,
                        share_quant_resi=vc.share_quant_resi, v_patch_nums=tuple(vc.patch_nums), test_mode=True)
+    if vc.ch_mult != [1, 1, 2, 2, 4] or vc.num_res_blocks != 2:  # VAR's VQVAE hard-codes its conv stack
+        dd = {"ch": vc.ch, "ch_mult": tuple(vc.ch_mult), "num_res_blocks": vc.num_res_blocks, "dropout": 0.0,
+              "z_channels": vc.z_channels, "using_sa": vc.using_sa, "using_mid_sa": vc.using_mid_sa}
+        ref_vae.encoder, ref_vae.decoder = RefEncoder(double_z=False, **dd), RefDecoder(**dd)
     ref_vae.load_state_dict(vae.state_dict())
     ref = RefVAR(vae_local=ref_vae, num_classes=c.num_classes, depth=c.depth, embed_dim=c.embed_dim,
                  num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, norm_eps=c.norm_eps, shared_aln=c.shared_aln,
@@ -376,6 +382,7 @@ def time_var(ref: torch.nn.Module, pipe: Pipeline, batch: int, mode: str, cfg_sc
     autoregressive_infer_cfg (always 2 rows per image; cfg = cfg_scale - 1) and our pipeline's mode."""
     device = pipe.gpt.device
     classes = [i % pipe.num_classes for i in range(batch)]
+    top_k = min(top_k, pipe.gpt.config.vocab_size)  # VAR's sampler fails past the vocabulary
     opts = pipe.options_for(mode, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p)
     var_cfg = opts.cfg_scale - 1.0
     times: dict[str, list[float]] = {"var": [], "ccaserve": []}
