@@ -5,7 +5,8 @@ gets) and wait in a bounded queue. Before every step the loop admits as many as 
 KV cache of the weights their mode runs on (rows per image from ``samplers.modes``); then each
 set of weights with work advances all its images by one step in one forward pass, so ``free`` and
 ``cfg`` images share the base model's pass and ``cca`` images the CCA model's. Finished images
-leave through ``Pipeline.finish`` (each decoded on its own). Seeds make every image independent
+leave through ``Pipeline.finish`` (each decoded on its own) on a finisher thread, so their VQ
+decode overlaps the next steps of the others. Seeds make every image independent
 of who shared its batch, to the pixel.
 
 A failure while admitting or finishing one request fails that request alone; every request gets
@@ -99,6 +100,9 @@ class Engine:
         self._cond = threading.Condition()
         self._stop = False
         self._images_done = 0
+        # Finished images are decoded here, off the stepping thread: the next steps of the other
+        # images overlap the VQ decode (on a GPU, device work; on a CPU, the second core).
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"finish-{pipeline.name}")
         self._thread = threading.Thread(target=self._loop, name=f"engine-{pipeline.name}", daemon=True)
         self._thread.start()
 
@@ -164,6 +168,7 @@ class Engine:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self._finisher.shutdown(wait=True)
 
     def _retry_after(self) -> int:
         # rough: how long the queue ahead takes at the recent image rate
@@ -250,7 +255,7 @@ class Engine:
                 self._running[key].remove(req)
                 finished.append(req)
         for req in finished:
-            self._deliver(req)
+            self._finisher.submit(self._deliver, req)
 
     @torch.inference_mode()
     def _deliver(self, req: Request) -> None:

@@ -245,3 +245,35 @@ def test_load_generator_is_bounded_and_counts(live):
     assert res["wall_s"] < 30 and set(res["statuses"]) == {"200"}
     assert res["images"] == res["statuses"]["200"] == sum(m["images"] for m in res["modes"].values())
     assert engine.stats.snapshot()["overall"]["images"] - before == res["images"]
+
+
+def test_vq_decode_overlaps_the_next_steps(models, monkeypatch):
+    """Finished images are decoded on the finisher thread: the engine keeps stepping meanwhile."""
+    import threading
+
+    engine = Engine(load_pipeline(models), max_rows=4)
+    family = engine.pipeline.family
+    original = family.codes_to_images
+    decoding, release, seen = threading.Event(), threading.Event(), {}
+
+    def slow(codes):
+        if "first" not in seen:
+            seen["first"] = threading.current_thread().name
+            decoding.set()
+            release.wait(timeout=30)
+        return original(codes)
+
+    monkeypatch.setattr(family, "codes_to_images", slow)
+    first = engine.submit(1, "free", 0, SamplingOptions())
+    assert decoding.wait(timeout=30)
+    steps_before = engine.decoders["base"].steps
+    second = engine.submit(2, "free", 1, SamplingOptions())
+    deadline = time.time() + 30
+    while engine.decoders["base"].steps < steps_before + 16 and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.decoders["base"].steps >= steps_before + 16  # the second image was decoded token by token
+    assert not first.future.done()  # while the first one's VQ decode was still held
+    release.set()
+    assert first.future.result(timeout=30).seed == 0 and second.future.result(timeout=30).seed == 1
+    assert seen["first"].startswith("finish-")
+    engine.close()
