@@ -36,11 +36,16 @@ from training.trainers import (
     CodeData,
     GPTTrainArgs,
     RunSetup,
+    VARTrainArgs,
+    VARVAETrainArgs,
     VQTrainArgs,
     extract_codes,
     extract_var_codes,
+    extract_var_shapes_codes,
     train_cca,
     train_gpt,
+    train_var,
+    train_var_vae,
     train_vq,
 )
 
@@ -58,6 +63,30 @@ def cmd_train_codes(args: argparse.Namespace) -> int:
     if args.llamagen_dir:
         data.save_llamagen(args.llamagen_dir)
     print(f"wrote {len(data)} code sequences of {data.seq_len} tokens to {args.out}")
+    return 0
+
+
+def cmd_train_var_vae(args: argparse.Namespace) -> int:
+    train_var_vae(args.out, args=VARVAETrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                 seed=args.seed), progress=not args.quiet)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train_var_codes(args: argparse.Namespace) -> int:
+    data = extract_var_shapes_codes(load_var_vae(args.vae), args.num, data_seed=args.data_seed)
+    data.save(args.out)
+    print(f"wrote {len(data)} multi-scale code sequences of {data.seq_len} tokens to {args.out}")
+    return 0
+
+
+def cmd_train_var(args: argparse.Namespace) -> int:
+    config = {"depth": args.depth, "embed_dim": args.embed_dim, "num_heads": args.num_heads}
+    model = train_var(args.out, load_var_vae(args.vae), CodeData.load(args.codes), config,
+                      VARTrainArgs(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                      setup=_run_setup(args))
+    if model is not None:  # rank 0
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -342,6 +371,36 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images encoded together")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract_codes)
+
+    p = tsub.add_parser("var-vae", help="train VAR's multi-scale VQVAE (small config) on Shapes-1k")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_var_vae)
+
+    p = tsub.add_parser("var-codes", help="multi-scale codes of Shapes-1k images with a trained VAR VQVAE")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--num", type=int, default=50000)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".npz with codes [N, L] and labels")
+    p.set_defaults(func=cmd_train_var_codes)
+
+    p = tsub.add_parser("var", help="train a VAR (next-scale prediction, class dropout 0.1) on multi-scale codes")
+    p.add_argument("--vae", required=True, help="its VQVAE (the scales and the next-scale inputs come from it)")
+    p.add_argument("--codes", required=True, help=".npz from `train var-codes` or `extract-codes`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--embed-dim", type=int, default=192)
+    p.add_argument("--num-heads", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    _add_run_setup_args(p)
+    p.set_defaults(func=cmd_train_var)
 
     p = tsub.add_parser("evalnet", help="train the evaluation network on real Shapes-1k images")
     p.add_argument("--out", required=True)

@@ -316,6 +316,29 @@ class Quantizer(nn.Module):
             out.append(ids)
         return out
 
+    def train_forward(self, f: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass (VAR's ``VectorQuantizer2.forward``): the residual quantised scale by scale;
+        returns (f_hat with a straight-through gradient to f, the VQ loss averaged over the scales:
+        beta * |sg(f_hat) - f|^2 + |f_hat - sg(f)|^2, every scale's ids concatenated [B, L])."""
+        b, c, h, w = f.shape
+        f_detached = f.detach()
+        rest, f_hat = f_detached.clone(), torch.zeros_like(f_detached)
+        book = self.embedding.weight
+        loss, ids_all = f.new_zeros(()), []
+        for scale, pn in enumerate(self.patch_nums):
+            z = rest if scale == len(self.patch_nums) - 1 else F.interpolate(rest, size=(pn, pn), mode="area")
+            z = z.permute(0, 2, 3, 1).reshape(-1, c)
+            with torch.no_grad():
+                dist = torch.addmm(z.square().sum(1, keepdim=True) + book.square().sum(1), z, book.T, alpha=-2, beta=1)
+                ids = dist.argmin(dim=1).view(b, pn * pn)
+            h_up = self._upsampled(scale, ids)  # carries gradients to the codebook and the phi convs
+            f_hat = f_hat + h_up
+            rest = rest - h_up.detach()
+            loss = loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_detached)
+            ids_all.append(ids)
+        straight_through = f + (f_hat - f).detach()
+        return straight_through, loss / len(self.patch_nums), torch.cat(ids_all, dim=1)
+
     def ids_to_fhat(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
         """Token ids per scale -> f_hat [B, Cvae, H, W] after all of them."""
         f_hat = None

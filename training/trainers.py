@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from samplers.checkpoint import save_pretrained
 from samplers.gpt import GPT, build_gpt
 from samplers.var import VAR, build_var
+from samplers.var_vae import VARVAE, build_var_vae
 from samplers.vq import VQModel, build_vq
 
 from . import distributed, shapes
@@ -510,6 +511,132 @@ def train_gpt(out_dir: str | Path | None, data: CodeData, config: dict[str, Any]
                 weight_decay=args.weight_decay, schedule=Schedule(args.steps, args.lr, warmup=max(1, args.steps // 20)),
                 setup=setup or RunSetup(), args=asdict(args), out_dir=None if out_dir is None else Path(out_dir),
                 generators=[gen], split=split, loss_fn=loss_fn, progress=progress)
+
+
+# ---- VAR: its multi-scale VQVAE and the next-scale transformer, trained here on Shapes-1k ----
+# 32 px images, 8x downsampling, 4x4 last scale would lose shape; 4x: an 8x8 last scale, 6 scales
+DEFAULT_VAR_VAE_CONFIG = {"vocab_size": 512, "z_channels": 16, "ch": 32, "ch_mult": [1, 2, 2],
+                          "num_res_blocks": 1, "patch_nums": [1, 2, 3, 4, 6, 8]}
+DEFAULT_VAR_CONFIG = {"depth": 6, "embed_dim": 192, "num_heads": 6, "num_classes": 1000, "cond_drop_rate": 0.1}
+
+
+@dataclass
+class VARVAETrainArgs:
+    steps: int = 4000
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    data_seed: int = 0
+    pool_size: int = 16000
+    commit_beta: float = 0.25
+    restart_every: int = 100
+
+
+def train_var_vae(out_dir: str | Path | None, config: dict[str, Any] | None = None,
+                  args: VARVAETrainArgs | None = None, progress: bool = True) -> VARVAE:
+    """VAR's multi-scale VQVAE on freshly rendered Shapes-1k images: reconstruction (L2 + 0.2 L1)
+    plus the quantiser's loss over every scale (``Quantizer.train_forward``); codebook entries unused
+    for a while restart on residual features of the batch."""
+    args = args or VARVAETrainArgs()
+    torch.manual_seed(args.seed)
+    vae = build_var_vae({**DEFAULT_VAR_VAE_CONFIG, **(config or {})}).train()
+    if vae.config.image_size != shapes.IMAGE_SIZE:
+        raise ValueError(f"the VAE's images are {vae.config.image_size} px; Shapes-1k renders {shapes.IMAGE_SIZE}")
+    opt = _optimizer(vae, args.lr, 0.0)
+    usage = torch.zeros(vae.config.vocab_size)
+    rng = torch.Generator().manual_seed(args.seed)
+    pool, _ = shapes.make_batch(args.data_seed, range(args.pool_size))
+
+    def step_fn(step: int) -> dict[str, float]:
+        images = pool[torch.randint(0, len(pool), (args.batch_size,), generator=rng)]
+        f = vae.quant_conv(vae.encoder(images))
+        f_hat, vq_loss, ids = vae.quantize.train_forward(f, args.commit_beta)
+        recon = vae.decoder(vae.post_quant_conv(f_hat))
+        rec_loss = F.mse_loss(recon, images) + 0.2 * F.l1_loss(recon, images)
+        (rec_loss + vq_loss).backward()
+        usage.mul_(0.99).add_(torch.bincount(ids.flatten(), minlength=usage.numel()).float())
+        if args.restart_every and step % args.restart_every == args.restart_every - 1 and step < args.steps * 0.8:
+            dead = (usage < 1e-3).nonzero().squeeze(1)
+            if dead.numel():
+                feats = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                pick = torch.randint(0, feats.shape[0], (dead.numel(),), generator=rng)
+                with torch.no_grad():
+                    vae.quantize.embedding.weight[dead] = feats[pick]
+                usage[dead] = 1.0
+        psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), images).item(), 1e-10))
+        return {"rec": rec_loss.item(), "vq": vq_loss.item(), "psnr": psnr, "used": float((usage > 1e-3).sum())}
+
+    start = time.time()
+    history = _run("train var-vae", args.steps, Schedule(args.steps, args.lr, warmup=50), opt, vae, step_fn,
+                   progress=progress)
+    vae.eval()
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_pretrained(vae, out, extra={"train": asdict(args)})
+        _write_log(out, "var_vae", asdict(args), history, time.time() - start)
+    return vae
+
+
+@torch.inference_mode()
+def extract_var_shapes_codes(vae: VARVAE, num_images: int, data_seed: int = 0, batch_size: int = 250,
+                             progress: bool = True) -> CodeData:
+    """Multi-scale codes [N, L] of the first ``num_images`` Shapes-1k images of ``data_seed``."""
+    vae.eval()
+    codes, labels = [], []
+    for start in tqdm(range(0, num_images, batch_size), desc="extract var codes", disable=not progress):
+        images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
+        codes.append(torch.cat(vae.img_to_idx(images), dim=1))
+        labels.append(lab)
+    return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
+
+
+@dataclass
+class VARTrainArgs:
+    steps: int = 3500
+    batch_size: int = 32  # global: over all ranks and accumulation steps
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+def train_var(out_dir: str | Path | None, vae: VARVAE, data: CodeData, config: dict[str, Any] | None = None,
+              args: VARTrainArgs | None = None, progress: bool = True, setup: RunSetup | None = None) -> VAR | None:
+    """Next-scale training (VAR's objective): cross-entropy over every scale's tokens, teacher-forced
+    with the VQVAE's next-scale inputs; labels become the null class with ``cond_drop_rate`` (in the
+    model's forward while training), which is what makes guidance possible later. Runs under
+    torchrun (see ``RunSetup``); returns the model on rank 0, None elsewhere."""
+    args = args or VARTrainArgs()
+    torch.manual_seed(args.seed)
+    config = {**DEFAULT_VAR_CONFIG, "vocab_size": vae.config.vocab_size, "z_channels": vae.config.z_channels,
+              "patch_nums": vae.patch_nums, **(config or {})}
+    var = build_var(config, vae)
+    if var.config.block_size != data.seq_len:
+        raise ValueError(f"the VAR takes {var.config.block_size} tokens per image, the codes have {data.seq_len}")
+    with torch.no_grad():  # small random weights; a zero head (as LlamaGen's init) starts at uniform logits
+        for name, p in var.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif "scale_mul" not in name:
+                p.zero_()
+        var.head.weight.zero_()
+    var.train()
+    vae.eval().requires_grad_(False)
+
+    def split(codes: torch.Tensor, labels: torch.Tensor, parts: int) -> list[Micro]:
+        return list(zip(codes.chunk(parts), labels.chunk(parts), strict=True))
+
+    def loss_fn(model: torch.nn.Module, micro: Micro) -> tuple[torch.Tensor, dict[str, float]]:
+        codes, labels = micro
+        logits = model(labels, teacher_inputs(var, codes))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1)), {}
+
+    def prepare(env: distributed.DistEnv) -> None:
+        vae.to(env.device)
+
+    return _fit("train var", var, data, batch_size=args.batch_size, seed=args.seed, steps=args.steps, lr=args.lr,
+                weight_decay=args.weight_decay, schedule=Schedule(args.steps, args.lr, warmup=max(1, args.steps // 20)),
+                setup=setup or RunSetup(), args=asdict(args), out_dir=None if out_dir is None else Path(out_dir),
+                generators=[], split=split, loss_fn=loss_fn, progress=progress, prepare=prepare)
 
 
 # ---- CCA / DPO / unlearning fine-tuning --------------------------------------------------
