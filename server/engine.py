@@ -78,7 +78,26 @@ def _settle(future: concurrent.futures.Future, result: object = None, error: Bas
         pass
 
 
-class Engine:
+class SingleImageCalls:
+    """One-image conveniences over the subclass's ``submit_many`` and ``cancel`` (an engine or a pool)."""
+
+    def submit(self, class_id: int, mode: str, seed: int, options: SamplingOptions) -> Request:
+        """Queue one image; returns a Request whose ``future`` resolves to an ImageResult.
+        Raises ValueError for bad input and QueueFull when the queue is at its bound."""
+        return self.submit_many([(class_id, mode, seed, options)])[0]
+
+    def generate(self, class_id: int, mode: str, seed: int, options: SamplingOptions,
+                 timeout: float | None = None) -> ImageResult:
+        """Blocking convenience for in-process callers (the UI, benchmarks)."""
+        req = self.submit(class_id, mode, seed, options)
+        try:
+            return req.future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self.cancel(req)
+            raise RequestTimeout(f"no result within {timeout} s") from None
+
+
+class Engine(SingleImageCalls):
     """Continuous batching over a Pipeline's base and CCA models.
 
     ``max_rows``: rows per model per step (the KV cache size); ``max_queue``: requests waiting
@@ -107,11 +126,6 @@ class Engine:
         self._thread.start()
 
     # ---- client side ------------------------------------------------------------------------
-    def submit(self, class_id: int, mode: str, seed: int, options: SamplingOptions) -> Request:
-        """Queue one image; returns a Request whose ``future`` resolves to an ImageResult.
-        Raises ValueError for bad input and QueueFull when the queue is at its bound."""
-        return self.submit_many([(class_id, mode, seed, options)])[0]
-
     def submit_many(self, items: list[tuple[int, str, int, SamplingOptions]]) -> list[Request]:
         """Queue several images all-or-nothing (a grid, a comparison): either all fit the queue or
         QueueFull is raised and none is queued."""
@@ -141,16 +155,6 @@ class Engine:
         with self._cond:
             req.cancelled = True
             self._cond.notify()
-
-    def generate(self, class_id: int, mode: str, seed: int, options: SamplingOptions,
-                 timeout: float | None = None) -> ImageResult:
-        """Blocking convenience for in-process callers (the UI, benchmarks)."""
-        req = self.submit(class_id, mode, seed, options)
-        try:
-            return req.future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            self.cancel(req)
-            raise RequestTimeout(f"no result within {timeout} s") from None
 
     def queue_length(self) -> int:
         return len(self._pending)

@@ -8,16 +8,14 @@ An image is the same on any replica of the same weights and dtype (seeded per im
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Sequence
 
 from samplers.modes import SamplingOptions
-from samplers.pipeline import ImageResult
 
-from .engine import Engine, QueueFull, Request, RequestTimeout
+from .engine import Engine, QueueFull, Request, SingleImageCalls
 
 
-class EnginePool:
+class EnginePool(SingleImageCalls):
     def __init__(self, engines: Sequence[Engine]):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
@@ -56,23 +54,10 @@ class EnginePool:
     def _forget(self, key: int):  # noqa: ANN202 - a future callback
         return lambda _future: self._owner.pop(key, None)
 
-    def submit(self, class_id: int, mode: str, seed: int, options: SamplingOptions) -> Request:
-        return self.submit_many([(class_id, mode, seed, options)])[0]
-
     def cancel(self, req: Request) -> None:
         engine = self._owner.get(id(req))
         if engine is not None:
             engine.cancel(req)
-
-    def generate(self, class_id: int, mode: str, seed: int, options: SamplingOptions,
-                 timeout: float | None = None) -> ImageResult:
-        """Blocking convenience for in-process callers, as ``Engine.generate``."""
-        req = self.submit(class_id, mode, seed, options)
-        try:
-            return req.future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            self.cancel(req)
-            raise RequestTimeout(f"no result within {timeout} s") from None
 
     def queue_length(self) -> int:
         return sum(e.queue_length() for e in self.engines)
