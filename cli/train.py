@@ -41,7 +41,6 @@ from training.trainers import (
     VQTrainArgs,
     extract_codes,
     extract_var_codes,
-    extract_var_shapes_codes,
     train_cca,
     train_gpt,
     train_var,
@@ -74,7 +73,7 @@ def cmd_train_var_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_var_codes(args: argparse.Namespace) -> int:
-    data = extract_var_shapes_codes(load_var_vae(args.vae), args.num, data_seed=args.data_seed)
+    data = extract_codes(load_var_vae(args.vae), args.num, data_seed=args.data_seed)
     data.save(args.out)
     print(f"wrote {len(data)} multi-scale code sequences of {data.seq_len} tokens to {args.out}")
     return 0

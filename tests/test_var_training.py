@@ -105,19 +105,13 @@ def test_a_small_var_trains_here_from_nothing(tmp_path):
     and load as a registry-style pair, and the model samples."""
     import json
 
-    from training.trainers import (
-        VARTrainArgs,
-        VARVAETrainArgs,
-        extract_var_shapes_codes,
-        train_var,
-        train_var_vae,
-    )
+    from training.trainers import VARTrainArgs, VARVAETrainArgs, extract_codes, train_var, train_var_vae
 
     vae = train_var_vae(tmp_path / "vae", {"ch": 32, "vocab_size": 64, "z_channels": 8},
                         VARVAETrainArgs(steps=30, pool_size=200, restart_every=10), progress=False)
     vae_log = json.loads((tmp_path / "vae" / "train_log.json").read_text())["history"]
     assert vae_log[-1]["rec"] < vae_log[0]["rec"]
-    data = extract_var_shapes_codes(vae, 64, progress=False)
+    data = extract_codes(vae, 64, progress=False)
     assert data.seq_len == 1 + 4 + 9 + 16 + 36 + 64
     var = train_var(tmp_path / "var", vae, data, {"depth": 2, "embed_dim": 64, "num_heads": 2},
                     VARTrainArgs(steps=25, batch_size=16, lr=3e-3), progress=False)

@@ -333,14 +333,18 @@ def vq_reconstruction_quality(vq: VQModel, n: int = 1000, data_seed: int = 1000)
 
 
 @torch.no_grad()
-def extract_codes(vq: VQModel, num_images: int, data_seed: int = 0, batch_size: int = 250,
+def extract_codes(tokenizer: VQModel | VARVAE, num_images: int, data_seed: int = 0, batch_size: int = 250,
                   progress: bool = True) -> CodeData:
-    """Tokenize the first ``num_images`` Shapes-1k images of ``data_seed``."""
-    vq.eval()
+    """Tokenize the first ``num_images`` Shapes-1k images of ``data_seed``: LlamaGen's VQ codes, or
+    VAR's multi-scale codes (every scale's ids concatenated, coarse to fine)."""
+    tokenizer.eval()
     codes, labels = [], []
     for start in tqdm(range(0, num_images, batch_size), desc="extract codes", disable=not progress):
         images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
-        codes.append(vq.encode_to_codes(images))
+        if isinstance(tokenizer, VARVAE):
+            codes.append(torch.cat(tokenizer.img_to_idx(images), dim=1))
+        else:
+            codes.append(tokenizer.encode_to_codes(images))
         labels.append(lab)
     return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
@@ -575,19 +579,6 @@ def train_var_vae(out_dir: str | Path | None, config: dict[str, Any] | None = No
         save_pretrained(vae, out, extra={"train": asdict(args)})
         _write_log(out, "var_vae", asdict(args), history, time.time() - start)
     return vae
-
-
-@torch.inference_mode()
-def extract_var_shapes_codes(vae: VARVAE, num_images: int, data_seed: int = 0, batch_size: int = 250,
-                             progress: bool = True) -> CodeData:
-    """Multi-scale codes [N, L] of the first ``num_images`` Shapes-1k images of ``data_seed``."""
-    vae.eval()
-    codes, labels = [], []
-    for start in tqdm(range(0, num_images, batch_size), desc="extract var codes", disable=not progress):
-        images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
-        codes.append(torch.cat(vae.img_to_idx(images), dim=1))
-        labels.append(lab)
-    return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
 
 @dataclass
