@@ -427,20 +427,30 @@ def infer_var_config(state: dict[str, torch.Tensor], vae: VARVAE | None = None, 
                      drop_path_rate=0.1 * blocks / 24)
 
 
+def _read_var_part(path: Path, kind: str, what: str, config_cls: type, config: Any,
+                   infer: Callable[[dict[str, torch.Tensor]], Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    """A VAR file's state dict, refused unless it is ``kind``, and its config: the one given (object
+    or dict), else its config.json, else inferred from the tensor shapes."""
+    state, meta = read_checkpoint(path)
+    found = checkpoint_kind(state)
+    if found != kind:
+        raise CheckpointError(f"{path}: this is a {found} checkpoint, not {what}")
+    if isinstance(config, dict):
+        return state, _config_from(config_cls, config, path)
+    if config is not None:
+        return state, config
+    if meta is not None:
+        return state, _config_from(config_cls, _config_body(meta, kind, path), path)
+    return state, infer(state)
+
+
 def load_var_vae(path: str | Path, config: VARVAEConfig | dict[str, Any] | None = None,
                  device: str | torch.device = "cpu") -> VARVAE:
     """VAR's multi-scale VQVAE (``vae_ch160v4096z32.pth``, a safetensors dir, or a custom one); its
     configuration comes from ``config``, config.json or the tensor shapes."""
     path = Path(path)
-    state, meta = read_checkpoint(path)
-    kind = checkpoint_kind(state)
-    if kind != "var_vae":
-        raise CheckpointError(f"{path}: this is a {kind} checkpoint, not a VAR VAE")
-    if isinstance(config, dict):
-        config = _config_from(VARVAEConfig, config, path)
-    elif config is None:
-        config = _config_from(VARVAEConfig, _config_body(meta, "var_vae", path), path) if meta is not None \
-            else infer_var_vae_config(state)
+    state, config = _read_var_part(path, "var_vae", "a VAR VAE", VARVAEConfig, config,
+                                   infer_var_vae_config)
     hits = state.get("quantize.ema_vocab_hit_SV")
     if hits is not None and hits.shape[0] != len(config.patch_nums):  # as VAR: a usage statistic, not a weight
         state["quantize.ema_vocab_hit_SV"] = torch.zeros(len(config.patch_nums), config.vocab_size)
@@ -454,15 +464,8 @@ def load_var(path: str | Path, vae: VARVAE, depth: int | None = None, device: st
     safetensors dirs); depth and width from the tensor shapes. The model holds ``vae``: its next-scale
     inputs are built from it."""
     path = Path(path)
-    state, meta = read_checkpoint(path)
-    kind = checkpoint_kind(state)
-    if kind != "var":
-        raise CheckpointError(f"{path}: this is a {kind} checkpoint, not a VAR transformer")
-    if isinstance(config, dict):
-        config = _config_from(VARConfig, config, path)
-    elif config is None:
-        config = _config_from(VARConfig, _config_body(meta, "var", path), path) if meta is not None \
-            else infer_var_config(state, vae, depth)
+    state, config = _read_var_part(path, "var", "a VAR transformer", VARConfig, config,
+                                   lambda st: infer_var_config(st, vae, depth))
     model = _materialize(lambda: VAR(config), state, f"VAR (depth {config.depth}, width {config.embed_dim})",
                          "", dtype)
     try:
