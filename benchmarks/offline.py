@@ -20,7 +20,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -293,6 +293,19 @@ def plot(report: dict[str, Any], prefix: str) -> list[str]:
 
 
 
+# ---- reference samplers, timed on the same weights ----------------------------------------
+def alternate(device: torch.device, repeats: int, runs: dict[str, Callable[[int], Any]]) -> dict[str, list[float]]:
+    """Seconds of each run, ``repeats`` rounds, the runs taking turns within a round (the machine's
+    drift hits all of them alike); each run gets the round's index."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(repeats):
+        for name, run in runs.items():
+            with torch.no_grad(), Timer(device) as t:
+                run(rep)
+            times[name].append(t.seconds)
+    return times
+
+
 # ---- LlamaGen's own generate(), timed on the same weights --------------------------------
 def llamagen_model(gpt: GPT, llamagen_path: str) -> torch.nn.Module:
     """LlamaGen's Transformer from a user's checkout, with our GPT's config and weights (same keys)."""
@@ -328,15 +341,11 @@ def time_llamagen(ref: torch.nn.Module, gpt: GPT, batch: int, cfg_scale: float, 
 
     device = gpt.device
     classes = torch.arange(batch, device=device) % gpt.config.num_classes
-    times: dict[str, list[float]] = {"llamagen": [], "ccaserve": []}
-    for _ in range(repeats):
-        with torch.no_grad(), Timer(device) as t:
-            llamagen_generate(ref, classes, gpt.config.block_size, cfg_scale=cfg_scale, temperature=1.0,
-                              top_k=top_k, top_p=1.0, sample_logits=True)
-        times["llamagen"].append(t.seconds)
-        with Timer(device) as t:
-            generate(gpt, classes, cfg_scale=cfg_scale, top_k=top_k, seeds=list(range(batch)))
-        times["ccaserve"].append(t.seconds)
+    times = alternate(device, repeats, {
+        "llamagen": lambda rep: llamagen_generate(ref, classes, gpt.config.block_size, cfg_scale=cfg_scale,
+                                                  temperature=1.0, top_k=top_k, top_p=1.0, sample_logits=True),
+        "ccaserve": lambda rep: generate(gpt, classes, cfg_scale=cfg_scale, top_k=top_k, seeds=list(range(batch))),
+    })
     best = {k: min(v) / batch for k, v in times.items()}
     return {"batch": batch, "cfg_scale": cfg_scale, "llamagen_s_per_image": round(best["llamagen"], 5),
             "ccaserve_s_per_image": round(best["ccaserve"], 5),
@@ -385,16 +394,17 @@ def time_var(ref: torch.nn.Module, pipe: Pipeline, batch: int, mode: str, cfg_sc
     top_k = min(top_k, pipe.gpt.config.vocab_size)  # VAR's sampler fails past the vocabulary
     opts = pipe.options_for(mode, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p)
     var_cfg = opts.cfg_scale - 1.0
-    times: dict[str, list[float]] = {"var": [], "ccaserve": []}
-    for rep in range(repeats):
-        with torch.no_grad(), Timer(device) as t:
-            ref.autoregressive_infer_cfg(B=batch, label_B=torch.tensor(classes, device=device), g_seed=rep,
-                                         cfg=var_cfg, top_k=top_k, top_p=top_p if top_p < 1 else 0.0)
-        times["var"].append(t.seconds)
-        with Timer(device) as t:
-            jobs = pipe.decode_batch(mode, classes, [rep * batch + i for i in range(batch)], opts)
-            pipe.decode_images([j.tokens for j in jobs])
-        times["ccaserve"].append(t.seconds)
+
+    def ours(rep: int) -> None:
+        jobs = pipe.decode_batch(mode, classes, [rep * batch + i for i in range(batch)], opts)
+        pipe.decode_images([j.tokens for j in jobs])
+
+    times = alternate(device, repeats, {
+        "var": lambda rep: ref.autoregressive_infer_cfg(B=batch, label_B=torch.tensor(classes, device=device),
+                                                        g_seed=rep, cfg=var_cfg, top_k=top_k,
+                                                        top_p=top_p if top_p < 1 else 0.0),
+        "ccaserve": ours,
+    })
     best = {k: min(v) / batch for k, v in times.items()}
     return {"batch": batch, "mode": mode, "cfg_scale": opts.cfg_scale, "var_cfg": var_cfg, "top_k": top_k,
             "top_p": top_p, "var_s_per_image": round(best["var"], 4),
