@@ -181,9 +181,6 @@ class Pipeline:
         """Options this family cannot honour (InvalidRequest naming the field)."""
         self.family.check_options(options)
 
-    def validate_class(self, class_id: int) -> None:
-        check_class(class_id, self.num_classes)
-
     # ---- codes -> images -> results ----------------------------------------------------------
     @torch.inference_mode()
     def decode_images(self, codes: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:

@@ -164,17 +164,16 @@ def _class_of(engine: Engine, p: _SamplingFields) -> int:
 
 
 def _validate(engine: Engine, p: SamplingParams) -> tuple[int, str, SamplingOptions]:
-    """The request's class, mode and options, checked by the core's own rules (the engine checks
-    class and seed on submit with the same functions); InvalidRequest becomes a 422 naming the field."""
+    """The request's class, mode and options. Whether this model can serve them (class range, seed,
+    weights for the mode, options for its family) the engine checks on submit, the one check every
+    caller gets; its InvalidRequest becomes a 422 naming the field."""
     pipe = engine.pipeline
     class_id = _class_of(engine, p)
     mode = normalize_mode(pipe.default_mode if p.mode is None else p.mode)
-    pipe.weights_for(mode)
     if p.seed is not None and p.seed + p.n - 1 > MAX_SEED:
         raise ApiError("seed", "seed + n - 1 exceeds the largest seed", allowed=f"[0, {MAX_SEED}]")
     opts = pipe.options_for(mode, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval, temperature=p.temperature,
                             top_k=p.top_k, top_p=p.top_p, cfg_schedule=p.cfg_schedule, more_smooth=p.more_smooth)
-    pipe.check_options(opts)
     return class_id, mode, opts
 
 
