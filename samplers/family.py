@@ -13,7 +13,7 @@ A family is a tokenizer plus the knowledge of how its transformers decode:
 
 The rows a mode takes per image and which weights run it are not the family's business: they
 come from ``samplers.modes``. A third family implements this class and registers its tokenizer
-type in ``FAMILIES``; nothing else in the core changes.
+and model types in ``FAMILIES`` and ``MODEL_FAMILIES``; nothing else in the core changes.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class ModelFamily(ABC):
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError when the transformer does not fit this tokenizer."""
 
+    @classmethod
     @abstractmethod
-    def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> StepDecoder: ...
+    def decoder(cls, model: torch.nn.Module, max_rows: int, compile: bool = False) -> StepDecoder: ...
 
     @abstractmethod
     def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:
@@ -74,11 +75,13 @@ class ModelFamily(ABC):
     def check_options(self, options: SamplingOptions) -> None:
         """Raise InvalidRequest for options this family cannot honour."""
 
+    @classmethod
     @abstractmethod
-    def tokens_per_image(self, model: torch.nn.Module) -> int: ...
+    def tokens_per_image(cls, model: torch.nn.Module) -> int: ...
 
-    def steps_per_image(self, model: torch.nn.Module) -> int:
-        return self.tokens_per_image(model)
+    @classmethod
+    def steps_per_image(cls, model: torch.nn.Module) -> int:
+        return cls.tokens_per_image(model)
 
     @property
     @abstractmethod
@@ -109,7 +112,8 @@ class LlamaGenFamily(ModelFamily):
         elif model.config.grid_size != self.grid_size:
             raise ValueError("base and CCA models have different token grids")
 
-    def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> Decoder:
+    @classmethod
+    def decoder(cls, model: torch.nn.Module, max_rows: int, compile: bool = False) -> Decoder:
         return Decoder(model, max_rows, compile=compile)
 
     def check_options(self, options: SamplingOptions) -> None:
@@ -120,7 +124,8 @@ class LlamaGenFamily(ModelFamily):
         grid = (self.grid_size, self.grid_size)
         return self.tokenizer.decode_code(codes.to(self.device), grid)
 
-    def tokens_per_image(self, model: torch.nn.Module) -> int:
+    @classmethod
+    def tokens_per_image(cls, model: torch.nn.Module) -> int:
         return model.config.block_size
 
     @property
@@ -139,7 +144,8 @@ class VARFamily(ModelFamily):
             raise ValueError(f"the VAR family runs VAR models, got {type(model).__name__}")
         model.attach_vae(self.tokenizer)  # raises when the scales, vocabulary or width differ
 
-    def decoder(self, model: torch.nn.Module, max_rows: int, compile: bool = False) -> VARDecoder:
+    @classmethod
+    def decoder(cls, model: torch.nn.Module, max_rows: int, compile: bool = False) -> VARDecoder:
         return VARDecoder(model, max_rows, compile=compile)
 
     def check_options(self, options: SamplingOptions) -> None:
@@ -149,10 +155,12 @@ class VARFamily(ModelFamily):
     def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode_code(codes)
 
-    def tokens_per_image(self, model: torch.nn.Module) -> int:
+    @classmethod
+    def tokens_per_image(cls, model: torch.nn.Module) -> int:
         return model.config.block_size
 
-    def steps_per_image(self, model: torch.nn.Module) -> int:
+    @classmethod
+    def steps_per_image(cls, model: torch.nn.Module) -> int:
         return model.config.num_scales
 
     @property
@@ -160,8 +168,9 @@ class VARFamily(ModelFamily):
         return self.tokenizer.config.image_size
 
 
-# Tokenizer type -> family; a new family adds its tokenizer here.
+# Tokenizer type and model type -> family; a new family adds its two types here.
 FAMILIES: dict[type, type[ModelFamily]] = {VQModel: LlamaGenFamily, VARVAE: VARFamily}
+MODEL_FAMILIES: dict[type, type[ModelFamily]] = {GPT: LlamaGenFamily, VAR: VARFamily}
 
 
 def family_for(tokenizer: Any) -> ModelFamily:
@@ -172,13 +181,16 @@ def family_for(tokenizer: Any) -> ModelFamily:
                      f"{[k.__name__ for k in FAMILIES]}")
 
 
+def model_family(model: torch.nn.Module) -> type[ModelFamily]:
+    for kind, family in MODEL_FAMILIES.items():
+        if isinstance(model, kind):
+            return family
+    raise ValueError(f"no model family runs a {type(model).__name__}; known: {[k.__name__ for k in MODEL_FAMILIES]}")
+
+
 def decoder_for(model: torch.nn.Module, max_rows: int, compile: bool = False) -> StepDecoder:
     """The decoding loop of a model's family (LlamaGen: a token per step; VAR: a scale per step)."""
-    if isinstance(model, VAR):
-        return VARDecoder(model, max_rows, compile=compile)
-    if isinstance(model, GPT):
-        return Decoder(model, max_rows, compile=compile)
-    raise ValueError(f"no model family runs a {type(model).__name__}")
+    return model_family(model).decoder(model, max_rows, compile=compile)
 
 
 @torch.inference_mode()
@@ -209,11 +221,11 @@ def generate(
     seeds = random_seeds(len(classes)) if seeds is None else seeds
     seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
     options = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p, cfg_schedule, more_smooth)
-    decoder = decoder_for(model, max(1, len(classes)) * options.rows, compile=compile)
-    steps = model.config.num_scales if isinstance(model, VAR) else model.config.block_size
-    jobs = run_decoder(decoder, classes, seeds, options, progress, steps)
+    family = model_family(model)
+    decoder = family.decoder(model, max(1, len(classes)) * options.rows, compile=compile)
+    jobs = run_decoder(decoder, classes, seeds, options, progress, family.steps_per_image(model))
     return torch.tensor([job.tokens for job in jobs], dtype=torch.long, device=model.device)
 
 
-__all__ = ["ModelFamily", "StepDecoder", "LlamaGenFamily", "VARFamily", "FAMILIES", "family_for", "decoder_for",
-           "generate"]
+__all__ = ["ModelFamily", "StepDecoder", "LlamaGenFamily", "VARFamily", "FAMILIES", "MODEL_FAMILIES", "family_for",
+           "model_family", "decoder_for", "generate"]
