@@ -261,6 +261,22 @@ class VQTrainArgs:
     restart_every: int = 100
 
 
+def _restart_dead_codes(book: torch.Tensor, usage: torch.Tensor, feats: torch.Tensor, rng: torch.Generator,
+                        noise: float) -> None:
+    """Codebook entries unused for a while restart on features of this batch (plus a little noise):
+    keeps the codebook in use."""
+    dead = (usage < 1e-3).nonzero().squeeze(1)
+    if not dead.numel():
+        return
+    pick = torch.randint(0, feats.shape[0], (dead.numel(),), generator=rng)
+    fresh = feats[pick]
+    if noise:
+        fresh = fresh + noise * torch.randn(dead.numel(), feats.shape[1], generator=rng)
+    with torch.no_grad():
+        book[dead] = fresh
+    usage[dead] = 1.0
+
+
 def _quantize_train(vq: VQModel, z: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Straight-through quantisation of latents z [B, D, h, w] with codebook and commitment losses."""
     b, d, h, w = z.shape
@@ -295,15 +311,8 @@ def train_vq(out_dir: str | Path, config: dict[str, Any] | None = None, args: VQ
         (rec_loss + vq_loss).backward()
         usage.mul_(0.99).add_(torch.bincount(codes, minlength=usage.numel()).float())
         if args.restart_every and step % args.restart_every == args.restart_every - 1 and step < args.steps * 0.8:
-            # dead codes restart on latents of this batch: keeps the codebook in use
-            dead = (usage < 1e-3).nonzero().squeeze(1)
-            if dead.numel():
-                lat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
-                pick = torch.randint(0, lat.shape[0], (dead.numel(),), generator=rng)
-                with torch.no_grad():
-                    vq.quantize.embedding.weight[dead] = lat[pick] + 0.01 * torch.randn(dead.numel(), lat.shape[1],
-                                                                                        generator=rng)
-                usage[dead] = 1.0
+            lat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
+            _restart_dead_codes(vq.quantize.embedding.weight, usage, lat, rng, noise=0.01)
         psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), images).item(), 1e-10))
         return {"rec": rec_loss.item(), "vq": vq_loss.item(), "psnr": psnr, "used": float((usage > 1e-3).sum())}
 
@@ -560,13 +569,8 @@ def train_var_vae(out_dir: str | Path | None, config: dict[str, Any] | None = No
         (rec_loss + vq_loss).backward()
         usage.mul_(0.99).add_(torch.bincount(ids.flatten(), minlength=usage.numel()).float())
         if args.restart_every and step % args.restart_every == args.restart_every - 1 and step < args.steps * 0.8:
-            dead = (usage < 1e-3).nonzero().squeeze(1)
-            if dead.numel():
-                feats = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-                pick = torch.randint(0, feats.shape[0], (dead.numel(),), generator=rng)
-                with torch.no_grad():
-                    vae.quantize.embedding.weight[dead] = feats[pick]
-                usage[dead] = 1.0
+            feats = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            _restart_dead_codes(vae.quantize.embedding.weight, usage, feats, rng, noise=0.0)
         psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), images).item(), 1e-10))
         return {"rec": rec_loss.item(), "vq": vq_loss.item(), "psnr": psnr, "used": float((usage > 1e-3).sum())}
 
