@@ -27,6 +27,7 @@ MAX_CFG_SCALE = 50.0
 MAX_TEMPERATURE = 10.0
 MAX_TOP_K = 1_000_000
 MAX_CFG_INTERVAL = 1_000_000
+CFG_SCHEDULES = ("linear", "constant")  # how a next-scale model applies the scale over its steps
 
 
 class InvalidRequest(ValueError):
@@ -129,9 +130,9 @@ class SamplingOptions:
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("cfg_interval", self.cfg_interval, -1, MAX_CFG_INTERVAL)
         _check_int("top_k", self.top_k, 0, MAX_TOP_K)
-        if self.cfg_schedule not in (None, "linear", "constant"):
+        if self.cfg_schedule is not None and self.cfg_schedule not in CFG_SCHEDULES:
             raise InvalidRequest("cfg_schedule", "cfg_schedule must be linear or constant, got "
-                                 f"{short(self.cfg_schedule)}", allowed=["linear", "constant"])
+                                 f"{short(self.cfg_schedule)}", allowed=list(CFG_SCHEDULES))
         if not isinstance(self.more_smooth, bool):
             raise InvalidRequest("more_smooth", f"more_smooth must be true or false, got {short(self.more_smooth)}")
 

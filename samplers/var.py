@@ -35,7 +35,6 @@ from .var_vae import DEFAULT_PATCH_NUMS, VARVAE
 
 # The CCA paper's VAR presets: depth -> (width 64 * depth, heads = depth); 256 px, 10 scales
 VAR_DEPTHS = (16, 20, 24, 30)
-CFG_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -343,21 +342,6 @@ def scale_guidance(cfg_scale: float, scale: int, num_scales: int, schedule: str)
     return 1.0 + (cfg_scale - 1.0) * scale / (num_scales - 1)
 
 
-def filter_var_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """VAR's rules on [N, V]: top-k keeps logits >= the k-th largest; top-p (1 = off here; VAR's 0)
-    sorts ascending and drops the tokens whose cumulative probability stays <= 1 - top_p, never the
-    most likely one."""
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, order, remove), -torch.inf)
-    return logits
-
-
 def sample_scale(logits: torch.Tensor, key: int, first_token: int, options: SamplingOptions) -> torch.Tensor:
     """One image's tokens for one scale: logits [l, V] -> ids [l], with VAR's top-k / top-p rules,
     from the image's own seeded noise (a hash of seed and token index), so the draw never depends
@@ -549,7 +533,8 @@ class VARDecoder:
             job = state.job
             cond = logits[at]
             if job.uncond_row >= 0:
-                s = scale_guidance(job.options.cfg_scale, scale, config.num_scales, _schedule(job.options))
+                schedule = job.options.cfg_schedule or "linear"  # VAR's ramp unless the request says otherwise
+                s = scale_guidance(job.options.cfg_scale, scale, config.num_scales, schedule)
                 cond = s * cond - (s - 1) * logits[at + 1]  # VAR's (1 + t) c - t u
             out.append(cond)
             at += job.rows
@@ -589,7 +574,7 @@ class VARDecoder:
         job.tokens.extend(ids.tolist())
         quant = self.vae.quantize
         pn, last = config.patch_nums[scale], config.patch_nums[-1]
-        if getattr(job.options, "more_smooth", False):
+        if job.options.more_smooth:
             h = smooth_embedding(logits, job.seed_key, first, scale, config.num_scales, quant.embedding.weight)
         else:
             h = quant.embedding(ids)
@@ -603,19 +588,11 @@ class VARDecoder:
             state.next_input = var.word_embed(nxt.to(var.dtype))
 
 
-def _schedule(options: SamplingOptions) -> str:
-    return getattr(options, "cfg_schedule", None) or "linear"
-
-
 def check_var_options(options: SamplingOptions) -> None:
+    """What VAR cannot honour (the schedule's values SamplingOptions checks itself)."""
     if options.cfg_interval != -1:
         raise InvalidRequest("cfg_interval", "cfg_interval has no meaning for VAR (guidance ramps over the scales; "
                              "use cfg_schedule)", allowed="-1")
-    schedule = getattr(options, "cfg_schedule", None)
-    if schedule is not None and schedule not in CFG_SCHEDULES:
-        raise InvalidRequest("cfg_schedule", f"cfg_schedule must be one of {list(CFG_SCHEDULES)}",
-                             allowed=list(CFG_SCHEDULES))
 
 
-__all__ = ["VAR", "VARConfig", "VARDecoder", "build_var", "scale_guidance", "filter_var_logits", "VAR_DEPTHS",
-           "CFG_SCHEDULES"]
+__all__ = ["VAR", "VARConfig", "VARDecoder", "build_var", "scale_guidance", "sample_scale", "VAR_DEPTHS"]

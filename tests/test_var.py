@@ -194,9 +194,24 @@ def test_custom_small_var_builds_and_samples():
     assert tokens.shape == (2, 21) and vae.decode_code(tokens).shape == (2, 3, 16, 16)
 
 
+def filter_var_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """VAR's rules on [N, V]: top-k keeps logits >= the k-th largest; top-p (1 = off here; VAR's 0)
+    sorts ascending and drops the tokens whose cumulative probability stays <= 1 - top_p, never the
+    most likely one."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[:, -1] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), -torch.inf)
+    return logits
+
+
 def test_sampling_follows_vars_top_k_top_p_rules():
     """Sampled tokens come from exactly the set VAR's rules keep, in proportion to their probability."""
-    from samplers.var import filter_var_logits, sample_scale
+    from samplers.var import sample_scale
 
     torch.manual_seed(0)
     logits = torch.randn(1, 50) * 0.7
