@@ -29,6 +29,12 @@ from .common import add_model_args, add_sampling_args, float_list, pipeline_from
 
 # ---- eval ----------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Choices on the validation seeds, the table on the test seeds (see evaluation.evaluate.SPLITS).
+
+    Validation: free, every CFG scale, every cca+cfg scale, and every fine-tune in --work (the lambda
+    sweep, DPO, unlearning); the CFG and cca+cfg scales with the lowest validation FID are picked.
+    Test: free, cfg and cca+cfg at the picked scales and the shipped cca, each over --test-repeats
+    independent seed sets, reported as mean and std, with the share of CFG's gain that CCA closes."""
     pipe = pipeline_from_args(args)
     if args.evalnet:
         net_path = Path(args.evalnet)
@@ -42,12 +48,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = sampling_options(args)
     entries: list[dict[str, Any]] = []
 
-    def run(mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, **meta: Any) -> dict[str, Any]:
+    def run(split: str, mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, seed_set: int = 0,
+            n: int = args.n, **meta: Any) -> dict[str, Any]:
         scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
-        e = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, progress=True, **opts, **scale)
-        e = evaluate.finish_entry(e, sweep=sweep, model=model_label, **meta)
-        print(f"{mode:8s} {e['setting']:10s} fid {e['fid']:8.3f}  is {e['is']:7.2f}  prec {e['precision']:.3f}  "
-              f"rec {e['recall']:.3f}  acc {e['accuracy']:.3f}  ({e['sample_seconds']:.0f}s)", flush=True)
+        seed_base = evaluate.split_seed_base(split, seed_set)
+        e = evaluate.evaluate_mode(pipe, net, ref, mode, n, seed_base=seed_base, progress=not args.quiet,
+                                   **opts, **scale)
+        e = evaluate.finish_entry(e, split=split, seed_set=seed_set, sweep=sweep, model=model_label, **meta)
+        print(f"[{split} {seed_set}] {mode:8s} {model_label:18s} {e['setting']:8s} fid {e['fid']:8.3f}  "
+              f"is {e['is']:7.2f}  acc {e['accuracy']:.3f} (shape {e['shape_accuracy']:.3f} colour "
+              f"{e['colour_accuracy']:.3f} texture {e['texture_accuracy']:.3f})  ({e['sample_seconds']:.0f}s)",
+              flush=True)
         entries.append(e)
         return e
 
@@ -57,47 +68,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recon = evaluate.reconstruction_metrics(net, ref, pipe.vq, args.n)
     print(f"VQ reconstructions of real images: fid {recon['fid']:.3f} is {recon['is']:.2f} "
           f"acc {recon['accuracy']:.3f} (the tokenizer's ceiling)")
-    run("free", "free", "base")
-    for s in args.cfg_scales:
-        run("cfg", "cfg scale (base)", "base", cfg_scale=s)
-    run("cca", "cca (shipped)", "cca")
+
+    # validation: every setting; the choices are made here only
+    val = "validation"
+    run(val, "free", "free", "base", n=args.n_val)
+    cfg_val = [run(val, "cfg", "cfg scale (base)", "base", cfg_scale=s, n=args.n_val) for s in args.cfg_scales]
+    run(val, "cca", "cca (shipped)", "cca", n=args.n_val)
     cca_cfg_label = "cca_cfg" if pipe.cca_cfg_gpt is not None else "cca"  # its own fine-tune, when shipped
-    for s in args.cca_cfg_scales:
-        run("cca+cfg", "cfg scale (cca+cfg)", cca_cfg_label, cfg_scale=s)
+    cca_cfg_val = [run(val, "cca+cfg", "cfg scale (cca+cfg)", cca_cfg_label, cfg_scale=s, n=args.n_val)
+                   for s in args.cca_cfg_scales]
+    best_cfg = min(cfg_val, key=lambda e: e["fid"])["cfg_scale"] if cfg_val else pipe.default_cfg_scale
+    best_cca_cfg = min(cca_cfg_val, key=lambda e: e["fid"])["cfg_scale"] if cca_cfg_val else best_cfg
+    chosen = {"cfg_scale": best_cfg, "cca_cfg_scale": best_cca_cfg}
+    print(f"chosen on validation: cfg scale {best_cfg:g}, cca+cfg scale {best_cca_cfg:g}", flush=True)
+
+    # test: the chosen settings on fresh seed sets
+    for rep in range(args.test_repeats):
+        run("test", "free", "free", "base", seed_set=rep)
+        run("test", "cfg", "cfg (chosen scale)", "base", cfg_scale=best_cfg, seed_set=rep)
+        run("test", "cca", "cca (shipped)", "cca", seed_set=rep)
+        run("test", "cca+cfg", "cca+cfg (chosen scale)", cca_cfg_label, cfg_scale=best_cca_cfg, seed_set=rep)
     work = Path(args.work) if args.work else None
-    if work is not None and work.exists():
-        shipped = pipe.cca_gpt
-        for variant in sorted(work.glob("*_lam*"), key=lambda p: (p.name.split("_")[0], float(p.name.split("lam")[1]))):
-            loss, lam = variant.name.split("_lam")[0], float(variant.name.split("_lam")[1])
-            model = load_gpt(variant)
-            sweep = "lambda (cca)" if loss == "cca" else loss
-            label, meta = f"{loss} lambda={lam:g}", {"lambda": lam, "loss": loss}
-            if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
-                entries.append({**next(e for e in entries if e["sweep"] == "cca (shipped)"), "sweep": sweep,
-                                "model": label, **meta, "setting": f"λ={lam:g}"})
-                continue
-            pipe.models["cca"] = model
-            run("cca", sweep, label, **meta)
-        pipe.models["cca"] = shipped
-    noise = []
-    for rep in range(1, args.noise_repeats + 1):
-        e = evaluate.evaluate_mode(pipe, net, ref, "cca", args.n, seed_base=rep * 1_000_003, progress=True, **opts)
-        noise.append(e["fid"])
-    first_cca = next(e["fid"] for e in entries if e["sweep"] == "cca (shipped)")
-    report = {"model": pipe.name, "n": args.n, "n_ref": args.n_ref, "reference_seed": ref.seed, "real": real,
-              "vq_reconstruction": recon,
-              "options": opts, "entries": entries,
-              "noise": {"what": "fid of mode cca over independent seed sets", **evaluate.noise_estimate(
-                  [first_cca, *noise])} if noise else None,
+    # the fine-tunes of the sweep, scored on the validation seeds (after the test split: they only
+    # inform the choice of the shipped lambda, which `train all` makes)
+    variants = sorted((p for p in work.glob("*_lam*") if (p / "model.safetensors").exists()), key=_variant_key) \
+        if work is not None and work.exists() else []
+    shipped = pipe.cca_gpt
+    for variant in variants:
+        loss, lam, train_seed = _variant_key(variant)
+        model = load_gpt(variant)
+        sweep = ("lambda (cca)" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
+        label = f"{loss} lambda={lam:g}" + (f" seed={train_seed}" if train_seed else "")
+        meta = {"lambda": lam, "loss": loss, "train_seed": train_seed}
+        if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
+            first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == val)
+            entries.append({**first, "sweep": sweep, "model": label, **meta, "setting": f"λ={lam:g}"})
+            continue
+        pipe.models["cca"] = model
+        run(val, "cca", sweep, label, n=args.n_val, **meta)
+    pipe.models["cca"] = shipped
+    test_rows = [e for e in entries if e["split"] == "test"]
+    lambda_rows = [e for e in entries if e["sweep"] == "lambda (cca)"]
+    chosen["lambda_by_validation_fid"] = min(lambda_rows, key=lambda e: e["fid"])["lambda"] if lambda_rows else None
+    summary = evaluate.test_summary(test_rows)
+    reseeded = [e for e in entries if e["sweep"] == "training seed (cca)"]
+    training_seed = [e for e in entries if e["sweep"] == "lambda (cca)" and e["lambda"] in
+                     {r["lambda"] for r in reseeded}] + reseeded  # same settings, other data orders
+    report = {"model": pipe.name, "n": args.n, "n_val": args.n_val, "n_ref": args.n_ref,
+              "reference_seed": ref.seed, "splits": evaluate.SPLITS, "real": real,
+              "vq_reconstruction": recon, "options": opts, "chosen_on_validation": chosen,
+              "test": summary, "entries": entries,
+              "noise": {"what": "std over the test seed sets of each mode's metrics (in 'test'); training "
+                                "noise: a fine-tune of the sweep retrained with other data-order seeds, "
+                                "scored on the validation seeds",
+                        "training_seed_fid": [{"model": e["model"], "fid": e["fid"], "accuracy": e["accuracy"]}
+                                              for e in training_seed]},
               "date": time.strftime("%Y-%m-%d"), "command": "ccaserve " + " ".join(args.argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{name}.md").write_text(_eval_markdown(report))
-    evaluate.plot_fid_is(entries, out / f"{name}_fid_is.png")
+    evaluate.plot_fid_is([e for e in entries if e["split"] == val], out / f"{name}_fid_is.png",
+                         title=f"{pipe.name}: CFG scale sweep vs CCA lambda sweep (validation seeds)")
+    print(evaluate.summary_markdown(summary))
     print(f"wrote {out / (name + '.json')}, {name}.md, {name}_fid_is.png")
     return 0
+
+
+def _variant_key(path: Path) -> tuple[str, float, int]:
+    """work/<loss>_lam<lambda>[_seed<k>] -> (loss, lambda, training seed)."""
+    loss, rest = path.name.split("_lam", 1)
+    lam, _, seed = rest.partition("_seed")
+    return loss, float(lam), int(seed or 0)
 
 
 # ---- contrast ------------------------------------------------------------------------------
@@ -144,20 +187,31 @@ def _same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:
 
 
 def _eval_markdown(report: dict[str, Any]) -> str:
-    noise = report.get("noise")
+    chosen = report["chosen_on_validation"]
+    splits = report["splits"]
     lines = [f"# Evaluation: {report['model']} ({report['date']})", "",
              f"`{report['command']}`", "",
-             f"{report['n']} class-balanced samples per row; reference: {report['n_ref']} held-out real images "
-             f"(seed {report['reference_seed']}). Real held-out images score FID {report['real']['fid']:.3f}, "
-             f"accuracy {report['real']['accuracy']:.3f} at this n (the floor); their VQ reconstructions score FID "
-             f"{report['vq_reconstruction']['fid']:.3f}, accuracy {report['vq_reconstruction']['accuracy']:.3f} "
-             "(the tokenizer's ceiling for any AR model on its codes).", ""]
-    if noise:
-        lines += [f"Run-to-run noise ({noise['what']}): mean {noise['mean']}, std {noise['std']} over {noise['runs']} "
-                  "seed sets.", ""]
-    lines += [evaluate.markdown_table(report["entries"]), ""]
+             f"Reference: {report['n_ref']} held-out real images (seed {report['reference_seed']}). Real held-out "
+             f"images score FID {report['real']['fid']:.3f}, accuracy {report['real']['accuracy']:.3f} at n = "
+             f"{report['n']} (the floor); their VQ reconstructions FID {report['vq_reconstruction']['fid']:.3f}, "
+             f"accuracy {report['vq_reconstruction']['accuracy']:.3f} (the tokenizer's ceiling for any AR model on "
+             "its codes).", "",
+             f"Seeds: validation = image seeds from {splits['validation']} ({report['n_val']} per setting): every "
+             f"setting, and the choices; test = image seeds from {splits['test']} ({report['n']} per seed set), "
+             "only the chosen settings. Chosen on validation FID: "
+             f"cfg scale {chosen['cfg_scale']:g}, cca+cfg scale {chosen['cca_cfg_scale']:g}"
+             + (f"; the lambda sweep's best is λ={chosen['lambda_by_validation_fid']:g}"
+                if chosen.get("lambda_by_validation_fid") is not None else "") + ".", "",
+             "## Test split (mean ± std over the seed sets)", "",
+             evaluate.summary_markdown(report["test"]), ""]
+    seeds = report["noise"].get("training_seed_fid") or []
+    if len(seeds) > 1:
+        lines += ["Training noise (one fine-tune of the sweep retrained with other data-order seeds; validation "
+                  "seeds): "
+                  + ", ".join(f"{s['model']}: FID {s['fid']:.2f}, accuracy {s['accuracy']:.3f}" for s in seeds), ""]
+    lines += ["## Validation split: every setting", "",
+              evaluate.markdown_table([e for e in report["entries"] if e["split"] == "validation"]), ""]
     return "\n".join(lines)
-
 
 
 def cmd_sample_fid(args: argparse.Namespace) -> int:
@@ -198,13 +252,15 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy per mode, with CFG and lambda sweeps")
-    p.add_argument("--n", type=int, default=5000, help="samples per setting (class-balanced)")
+    p.add_argument("--n", type=int, default=5000, help="test samples per seed set and mode (class-balanced)")
+    p.add_argument("--n-val", type=int, default=2000, help="validation samples per setting")
+    p.add_argument("--test-repeats", type=int, default=3, help="independent test seed sets (the noise)")
     p.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference statistics")
     p.add_argument("--cfg-scales", type=float_list, default=[1.5, 2.0, 3.0, 4.0, 6.0])
     p.add_argument("--cca-cfg-scales", type=float_list, default=[1.5, 2.0, 3.0])
     p.add_argument("--work", default="runs/shapes1k", help="folder of lambda-sweep / dpo / unlearn models")
     p.add_argument("--evalnet", default=None, help="evaluation network dir (default: the model's)")
-    p.add_argument("--noise-repeats", type=int, default=2, help="extra seed sets for the noise estimate")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="docs/eval")
     p.add_argument("--name", default="default", help="output file stem")
     add_sampling_args(p, guidance=False)

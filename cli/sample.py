@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from samplers.checkpoint import convert
 from samplers.classes import match_classes
-from samplers.images import comparison_grid
+from samplers.images import comparison_grid, image_grid
 from samplers.modes import InvalidRequest, normalize_mode
 from samplers.pipeline import Pipeline
 from samplers.registry import Registry
@@ -43,24 +44,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: modes {missing} need a CCA model; this model offers {pipe.modes}")
     options = sampling_options(args)
     classes = parse_classes(args.classes, pipe, args.max_classes)
-    seeds = [args.seed + i for i in range(len(classes))]
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be at least 1")
+    per = args.seeds  # images per class and mode; class i, image j has seed --seed + i * per + j
+    wanted = [c for c in classes for _ in range(per)]
+    seeds = [args.seed + i for i in range(len(wanted))]
     for mode in modes:  # every input is checked before anything is printed or sampled
         pipe.options_for(mode, **options)
-        for c, s in zip(classes, seeds, strict=True):
+        for c, s in zip(wanted, seeds, strict=True):
             pipe.check_request(c, mode, s)
     columns, labels = [], []
     print(f"model {pipe.name}: {pipe.image_size}px, {pipe.tokens_per_image} tokens, device {args.device}")
     print(f"{'mode':8s} {'latency s':>10s} {'s/image':>8s} {'compute':>8s}  cfg_scale")
     for mode in modes:
-        results = pipe(classes, mode, seeds, progress=not args.quiet, **options)
+        results = pipe(wanted, mode, seeds, progress=not args.quiet, **options)
         r0 = results[0]
         per_image = r0.latency_s / len(results)
         print(f"{mode:8s} {r0.latency_s:10.2f} {per_image:8.2f} {r0.rows:7d}x  {r0.options.cfg_scale:g}")
-        columns.append([r.image for r in results])
+        tiles = math.ceil(math.sqrt(per))
+        columns.append([image_grid([r.image for r in results[i * per:(i + 1) * per]], tiles)
+                        for i in range(len(classes))])
         scale = f" (s={r0.options.cfg_scale:g})" if r0.options.guided else ""
         labels.append(f"{mode}{scale}\n{per_image:.2f} s/img, {r0.rows}x compute")
     rows = [list(col) for col in zip(*columns, strict=True)]
-    row_labels = [f"{c}: {pipe.class_name(c)} (seed {s})" for c, s in zip(classes, seeds, strict=True)]
+    first = seeds[::per]
+    seed_text = [f"seed {s}" if per == 1 else f"seeds {s}-{s + per - 1}" for s in first]
+    row_labels = [f"{c}: {pipe.class_name(c)} ({t})" for c, t in zip(classes, seed_text, strict=True)]
     comparison_grid(rows, labels, row_labels).save(args.out)
     print(f"wrote {args.out}")
     return 0
@@ -135,7 +144,10 @@ def add_sample_commands(sub: argparse._SubParsersAction) -> None:
                         "('green ring': every green ring), comma-separated")
     p.add_argument("--max-classes", type=int, default=16, help="at most this many classes when words match many")
     p.add_argument("--modes", default="free,cfg,cca,cca+cfg", help="comma-separated: free,cfg,cca,cca+cfg")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; later rows use seed+1, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; later images use seed+1, ...")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="images per class and mode, tiled in each cell (4: a 2x2 block), so a grid shows the rate "
+                        "of right images, not one draw")
     p.add_argument("--out", default="grid.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sampling_args(p)

@@ -28,6 +28,13 @@ from training import shapes
 
 REFERENCE_SEED = 7  # held-out real images for reference statistics (training uses seeds 0..2)
 
+# Image seeds of model samples. Settings (CFG scale, lambda, checkpoint) are chosen on the validation
+# seeds; the reported table is sampled on the test seeds, seed set k starting at base + k * stride.
+SPLITS = {"validation": "0", "test": "50000000 + 1000003 k (seed set k)"}
+_SPLIT_BASE = {"validation": 0, "test": 50_000_000}
+_SEED_SET_STRIDE = 1_000_003
+METRICS = ("fid", "is", "precision", "recall", "accuracy", "shape_accuracy", "colour_accuracy", "texture_accuracy")
+
 
 class EvalNet(nn.Module):
     """Conv net: image [B, 3, 32, 32] in [-1, 1] -> features [B, 128] and three 10-way heads."""
@@ -254,6 +261,15 @@ def sample_metrics(net: EvalNet, ref: Reference, images: torch.Tensor, labels: t
     }
 
 
+def split_seed_base(split: str, seed_set: int = 0) -> int:
+    """First image seed of a split's seed set (image i of the set has seed base + i)."""
+    if split not in _SPLIT_BASE:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_BASE)}, got {split!r}")
+    if split == "validation" and seed_set:
+        raise ValueError("the validation split has one seed set")
+    return _SPLIT_BASE[split] + seed_set * _SEED_SET_STRIDE
+
+
 def balanced_labels(n: int, num_classes: int = shapes.NUM_CLASSES) -> list[int]:
     return [i % num_classes for i in range(n)]
 
@@ -301,7 +317,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
+def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str = "CFG vs guidance-free CCA") -> None:
     """FID vs IS, one line per sweep (CFG scale for the base model, lambda for CCA), like the paper's Fig. 1."""
     import matplotlib
 
@@ -328,7 +344,7 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
                         fontsize=7)
     ax.set_xlabel("Inception-style score (EvalNet), higher is better")
     ax.set_ylabel("FID (EvalNet features), lower is better")
-    ax.set_title("Shapes-1k default model: guidance (CFG) vs guidance-free CCA")
+    ax.set_title(title, fontsize=10)
     if off_scale:
         ax.text(0.01, 0.01, "off scale: " + "; ".join(f"{e.get('sweep') or e['mode']} FID {e['fid']:.0f}, "
                                                       f"IS {e['is']:.1f}" for e in off_scale),
@@ -343,6 +359,8 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path) -> None:
 def _settings_label(entry: dict[str, Any]) -> str:
     if entry.get("sweep", "").startswith("lambda"):
         return f"λ={entry['lambda']:g}"
+    if entry.get("sweep") == "training seed (cca)":
+        return f"λ={entry['lambda']:g} seed {entry['train_seed']}"
     if entry.get("cfg_scale", 1.0) != 1.0:
         return f"s={entry['cfg_scale']:g}"
     return ""
@@ -355,7 +373,67 @@ def finish_entry(entry: dict[str, Any], **meta: Any) -> dict[str, Any]:
     return entry
 
 
-def noise_estimate(values: Sequence[float]) -> dict[str, float]:
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-    return {"mean": round(mean, 3), "std": round(sd, 3), "runs": len(values)}
+    return {"mean": round(mean, 4), "std": round(sd, 4), "runs": len(values)}
+
+
+def test_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Test rows (one per mode and seed set, the same seed sets for every mode) -> per mode the mean
+    and std of every metric over the seed sets; the share of CFG's gain over free that CCA closes,
+    per metric, computed on each seed set (mean, std) and on the means; and cca+cfg minus cfg."""
+    by_mode: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], {})[r["seed_set"]] = r
+    modes = {mode: {"model": next(iter(sets.values()))["model"], "cfg_scale": next(iter(sets.values()))["cfg_scale"],
+                    "rows_per_image": next(iter(sets.values()))["rows_per_image"],
+                    **{m: _mean_std([r[m] for r in sets.values()]) for m in METRICS}}
+             for mode, sets in by_mode.items()}
+    out: dict[str, Any] = {"modes": modes}
+    if {"free", "cfg", "cca"} <= set(by_mode):
+        seed_sets = sorted(set(by_mode["free"]) & set(by_mode["cfg"]) & set(by_mode["cca"]))
+        closing = {}
+        for m in METRICS:
+            if m in ("precision", "recall"):
+                continue
+            per_set = []
+            for k in seed_sets:
+                gain = by_mode["cfg"][k][m] - by_mode["free"][k][m]
+                if gain != 0:
+                    per_set.append((by_mode["cca"][k][m] - by_mode["free"][k][m]) / gain)
+            free, cfg, cca = (modes[x][m]["mean"] for x in ("free", "cfg", "cca"))
+            closing[m] = {"of_means": round((cca - free) / (cfg - free), 4) if cfg != free else None,
+                          "cfg_gain": round(cfg - free, 4),
+                          **(_mean_std(per_set) if per_set else {})}
+        out["cca_closes_of_cfg_gain"] = closing
+    if {"cfg", "cca+cfg"} <= set(by_mode):
+        seed_sets = sorted(set(by_mode["cfg"]) & set(by_mode["cca+cfg"]))
+        out["cca+cfg_minus_cfg"] = {m: _mean_std([by_mode["cca+cfg"][k][m] - by_mode["cfg"][k][m] for k in seed_sets])
+                                    for m in ("fid", "is", "accuracy")}
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    cols = ["fid", "is", "precision", "recall", "accuracy", "shape_accuracy", "colour_accuracy", "texture_accuracy"]
+    lines = ["| mode | model | cfg scale | rows/img | " + " | ".join(c.replace("_accuracy", " acc") for c in cols)
+             + " |", "|" + "---|" * (len(cols) + 4)]
+    for mode, row in summary["modes"].items():
+        cells = [f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" if row[c]["mean"] < 10
+                 else f"{row[c]['mean']:.2f} ± {row[c]['std']:.2f}" for c in cols]
+        lines.append(f"| {mode} | {row['model']} | {row['cfg_scale']:g} | {row['rows_per_image']} | "
+                     + " | ".join(cells) + " |")
+    closing = summary.get("cca_closes_of_cfg_gain")
+    if closing:
+        lines += ["", "Share of CFG's gain over free sampling that CCA closes, (cca - free) / (cfg - free), on the "
+                  "means (per seed set: mean ± std):", "",
+                  "| metric | cfg gain | cca closes | per seed set |", "|---|---|---|---|"]
+        for m, c in closing.items():
+            per = f"{c['mean']:.2f} ± {c['std']:.2f}" if "mean" in c else ""
+            of_means = f"{c['of_means']:.2f}" if c["of_means"] is not None else "n/a (no gain)"
+            lines.append(f"| {m} | {c['cfg_gain']:+.3f} | {of_means} | {per} |")
+    diff = summary.get("cca+cfg_minus_cfg")
+    if diff:
+        lines += ["", "cca+cfg minus cfg (each at its chosen scale), per seed set: "
+                  + ", ".join(f"{m} {d['mean']:+.3f} ± {d['std']:.3f}" for m, d in diff.items())]
+    return "\n".join(lines)

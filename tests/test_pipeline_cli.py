@@ -1,4 +1,5 @@
 """The pipeline object and the `ccaserve sample` command on small models."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +80,29 @@ def test_cli_sample_writes_a_labelled_grid(tmp_path, capsys):
         assert mode in printed
     grid = Image.open(out)
     assert grid.width > 4 * 160 and grid.height > 2 * 160
+
+
+def test_cli_sample_tiles_several_seeds_per_cell(tmp_path):
+    """--seeds 4: each class x mode cell is a 2x2 block of the images of four seeds, the same
+    images the pipeline gives for those seeds."""
+    from samplers import Pipeline
+
+    out = tmp_path / "grid.png"
+    assert cli_main(["sample", "--class", "207,3", "--modes", "free,cca", "--seeds", "4", "--seed", "10",
+                     "--out", str(out), "--quiet", "--model", "tiny-random"]) == 0
+    grid = Image.open(out).convert("RGB")
+    pipe = Pipeline.from_registry("tiny-random")
+    side = pipe.image_size  # 64 px: a 2x2 block is 128, shown in a 160-px cell (nearest-neighbour)
+    expected = pipe([3] * 4, "cca", [14, 15, 16, 17])  # class 3 is the second row: seeds 14-17
+    cell, head, left, pad = 160, 34, 120, 4
+    block = grid.crop((left + cell + pad, head + cell + pad, left + 2 * cell + pad, head + 2 * cell + pad))
+    block = block.resize((2 * side, 2 * side), Image.NEAREST)
+    for j, r in enumerate(expected):
+        tile = block.crop(((j % 2) * side, (j // 2) * side, (j % 2 + 1) * side, (j // 2 + 1) * side))
+        diff = np.abs(np.asarray(tile, dtype=int) - np.asarray(r.image.convert("RGB"), dtype=int))
+        assert diff.mean() < 8, j  # resampled twice, so not bit-equal; another seed differs far more
+    with pytest.raises(SystemExit, match="--seeds"):
+        cli_main(["sample", "--seeds", "0", "--out", str(out), "--quiet", "--model", "tiny-random"])
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

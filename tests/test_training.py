@@ -214,7 +214,8 @@ def test_evalnet_class_posterior_is_a_distribution():
 
 
 def test_train_all_quick_then_eval(tmp_path):
-    """The whole recipe end to end at smoke-test size: train all, then eval with sweeps."""
+    """The whole recipe end to end at smoke-test size: train all, then eval with its validation
+    sweep (every setting, the choices) and its test seed sets (the chosen settings only)."""
     from cli import main
 
     out, work, ev = tmp_path / "out", tmp_path / "work", tmp_path / "eval"
@@ -222,28 +223,98 @@ def test_train_all_quick_then_eval(tmp_path):
     for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
-    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam10", "dpo_lam10", "unlearn_lam10"}
+    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam30", "cca_lam30_seed1", "dpo_lam30", "unlearn_lam30"}
     assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--cca-cfg-ckpt",
                  str(out / "cca_cfg_gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
-                 "--work", str(work), "--n", "40",
-                 "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2", "--noise-repeats", "1",
+                 "--work", str(work), "--n", "40", "--n-val", "30", "--test-repeats", "2",
+                 "--n-ref", "60", "--cfg-scales", "2,3", "--cca-cfg-scales", "2", "--quiet",
                  "--out", str(ev), "--device", "cpu"]) == 0
     report = json.loads((ev / "default.json").read_text())
-    settings = [(e["mode"], e["sweep"]) for e in report["entries"]]
-    assert settings == [("free", "free"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
-                        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca)"), ("cca", "dpo"),
-                        ("cca", "unlearn")]
-    # the sweep's lambda=10 model is the shipped one: same samples, same numbers
-    shipped, swept = report["entries"][2], report["entries"][4]
+    val = [e for e in report["entries"] if e["split"] == "validation"]
+    test = [e for e in report["entries"] if e["split"] == "test"]
+    assert [(e["mode"], e["sweep"]) for e in val] == [
+        ("free", "free"), ("cfg", "cfg scale (base)"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
+        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca)"), ("cca", "training seed (cca)"), ("cca", "dpo"),
+        ("cca", "unlearn")]
+    assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
+    # the sweep's lambda=30 model is the shipped one: same samples, same numbers
+    shipped, swept = val[3], val[5]
     assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
-    assert report["entries"][3]["model"] == "cca_cfg"  # cca+cfg guides its own fine-tune (lambda 1, beta 0.1)
+    assert val[6]["train_seed"] == 1 and val[6]["model"] == "cca lambda=30 seed=1"  # another data order:
+    assert ((work / "cca_lam30_seed1" / "model.safetensors").read_bytes()       # other weights
+            != (work / "cca_lam30" / "model.safetensors").read_bytes())
+    # the test split: the chosen settings only, on other seeds, one row per mode and seed set
+    best = min(val[1:3], key=lambda e: e["fid"])["cfg_scale"]
+    assert report["chosen_on_validation"]["cfg_scale"] == best
+    assert sorted((e["mode"], e["seed_set"]) for e in test) == sorted(
+        (m, k) for m in ("free", "cfg", "cca", "cca+cfg") for k in (0, 1))
+    assert all(e["n"] == 40 and e["seed_base"] >= 50_000_000 for e in test)
+    assert {e["cfg_scale"] for e in test if e["mode"] == "cfg"} == {best}
+    assert len({e["seed_base"] for e in test}) == 2
+    summary = report["test"]
+    assert summary["modes"]["cca"]["fid"]["runs"] == 2
+    for m in ("fid", "accuracy", "shape_accuracy", "colour_accuracy", "texture_accuracy"):
+        assert m in summary["cca_closes_of_cfg_gain"]
+    assert test[0]["model"] == "base" and any(e["model"] == "cca_cfg" for e in test)
     cca_cfg_args = json.loads((out / "cca_cfg_gpt" / "config.json").read_text())["train"]
     assert (cca_cfg_args["lam"], cca_cfg_args["beta"]) == (1.0, 0.1)
     for e in report["entries"]:
-        assert {"fid", "is", "precision", "recall", "accuracy", "cfg_scale", "n"} <= set(e) and e["n"] == 40
+        assert {"fid", "is", "precision", "recall", "accuracy", "shape_accuracy", "cfg_scale", "n"} <= set(e)
         assert e["rows_per_image"] == (2 if e["mode"] in ("cfg", "cca+cfg") else 1)
-    assert report["noise"]["runs"] == 2
-    assert (ev / "default.md").read_text().count("\n|") >= 8 and (ev / "default_fid_is.png").stat().st_size > 1000
+    md = (ev / "default.md").read_text()
+    assert "Test split" in md and "cca closes" in md and (ev / "default_fid_is.png").stat().st_size > 1000
+
+
+def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
+    """A stopped `train all` picks up inside a stage from its last checkpoint and ends with the
+    weights an uninterrupted run gives, bit for bit."""
+    from cli import main
+    from cli import train as train_cli
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(["train", "all", "--quick", "--out", str(whole / "out"), "--work", str(whole / "work")]) == 0
+    real_fit = train_cli.train_gpt
+
+    def stop_after_checkpoint(*a, **k):  # a run killed after the GPT's first checkpoint
+        import training.trainers as tr
+
+        original = tr._run
+
+        def run(*args, after_step, **kwargs):
+            def after(step, metrics):
+                after_step(step, metrics)
+                if step + 1 == 4:
+                    raise KeyboardInterrupt
+            return original(*args, after_step=after, **kwargs)
+
+        tr._run = run
+        try:
+            return real_fit(*a, **k)
+        finally:
+            tr._run = original
+
+    train_cli.train_gpt = stop_after_checkpoint
+    try:
+        try:
+            main(["train", "all", "--quick", "--out", str(stopped / "out"), "--work", str(stopped / "work")])
+        except KeyboardInterrupt:
+            pass
+    finally:
+        train_cli.train_gpt = real_fit
+    assert (stopped / "work" / "gpt" / "train_state.pt").exists() and not (stopped / "out" / "gpt").exists()
+    with pytest.raises(SystemExit, match="stage gpt has no output"):  # --only needs what it builds on
+        main(["train", "all", "--quick", "--resume", "--only", "cca_cfg", "--out", str(stopped / "out"),
+              "--work", str(stopped / "work")])
+    assert main(["train", "all", "--quick", "--resume", "--out", str(stopped / "out"),
+                 "--work", str(stopped / "work")]) == 0
+    # one stage run on its own (as stages run side by side) gives what the whole run gave
+    (stopped / "out" / "cca_cfg_gpt" / "model.safetensors").unlink()
+    assert main(["train", "all", "--quick", "--resume", "--only", "cca_cfg", "--out", str(stopped / "out"),
+                 "--work", str(stopped / "work")]) == 0
+    for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt"):
+        a = (whole / "out" / part / "model.safetensors").read_bytes()
+        b = (stopped / "out" / part / "model.safetensors").read_bytes()
+        assert a == b, part
 
 
 def test_ten_crop_code_folders_draw_a_random_stored_augmentation(tmp_path):
