@@ -7,6 +7,7 @@ import torch
 from cli import main
 from evaluation import contrast
 from evaluation.evaluate import attribute_targets
+from samplers.registry import Registry
 from tests.conftest import TINY_GPT, random_gpt
 from training.losses import sequence_logprob
 
@@ -90,7 +91,8 @@ def test_guided_logprobs_are_the_distribution_cfg_samples_from():
 def test_contrast_cli_on_the_default_model(tmp_path):
     assert main(["contrast", "--n", "40", "--out", str(tmp_path), "--name", "c", "--quiet"]) == 0
     report = json.loads((tmp_path / "c.json").read_text())
-    assert set(report["models"]) == {"cca", "cca+cfg model", "cfg s=3"}
+    scale = Registry().get().default_cfg_scale  # measured at the model's default scale
+    assert set(report["models"]) == {"cca", "cca+cfg model", f"cfg s={scale:g}"}
     assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
     assert report["models"]["cca"]["colour"]["n"] == 40
     assert (tmp_path / "c.png").stat().st_size > 1000 and "effective scale" in (tmp_path / "c.md").read_text()
