@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (net_path / "config.json").exists():
         raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
     net = evaluate.load_evalnet(net_path)
-    ref = evaluate.reference_stats(net, args.n_ref)
+    ref = evaluate.reference_stats(net, args.n_ref, progress=not args.quiet)
     opts = sampling_options(args)
     entries: list[dict[str, Any]] = []
 
