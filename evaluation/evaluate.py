@@ -386,10 +386,12 @@ def test_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_mode: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         by_mode.setdefault(r["mode"], {})[r["seed_set"]] = r
-    modes = {mode: {"model": next(iter(sets.values()))["model"], "cfg_scale": next(iter(sets.values()))["cfg_scale"],
-                    "rows_per_image": next(iter(sets.values()))["rows_per_image"],
-                    **{m: _mean_std([r[m] for r in sets.values()]) for m in METRICS}}
-             for mode, sets in by_mode.items()}
+    modes = {}
+    for mode, sets in by_mode.items():
+        first = next(iter(sets.values()))  # model and scale are the same in every seed set
+        modes[mode] = {"model": first["model"], "cfg_scale": first["cfg_scale"],
+                       "rows_per_image": first["rows_per_image"],
+                       **{m: _mean_std([r[m] for r in sets.values()]) for m in METRICS}}
     out: dict[str, Any] = {"modes": modes}
     if {"free", "cfg", "cca"} <= set(by_mode):
         seed_sets = sorted(set(by_mode["free"]) & set(by_mode["cfg"]) & set(by_mode["cca"]))
