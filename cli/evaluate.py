@@ -22,6 +22,7 @@ from samplers.checkpoint import load_gpt
 from samplers.modes import normalize_mode
 from samplers.registry import Registry
 from training import distributed
+from training.recipes import parse_variant_name
 from training.trainers import CodeData, extract_codes
 
 from .common import add_model_args, add_sampling_args, float_list, pipeline_from_args, sampling_options
@@ -91,29 +92,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else None
     # the fine-tunes of the sweep, scored on the validation seeds (after the test split: they only
     # inform the choice of the shipped lambda, which `train all` makes)
-    variants = sorted((p for p in work.glob("*_lam*") if (p / "model.safetensors").exists()), key=_variant_key) \
+    variants = sorted((p for p in work.glob("*_lam*_beta*") if (p / "model.safetensors").exists()),
+                      key=lambda p: parse_variant_name(p.name)) \
         if work is not None and work.exists() else []
     shipped = pipe.cca_gpt
     for variant in variants:
-        loss, lam, train_seed = _variant_key(variant)
+        loss, lam, beta, train_seed = parse_variant_name(variant.name)
         model = load_gpt(variant)
-        sweep = ("lambda (cca)" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
-        label = f"{loss} lambda={lam:g}" + (f" seed={train_seed}" if train_seed else "")
-        meta = {"lambda": lam, "loss": loss, "train_seed": train_seed}
+        sweep = (f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
+        label = f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
+        meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed}
         if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
             first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == val)
-            entries.append({**first, "sweep": sweep, "model": label, **meta, "setting": f"λ={lam:g}"})
+            entries.append({**first, "sweep": sweep, "model": label, **meta,
+                            "setting": evaluate.settings_label({"sweep": sweep, **meta})})
             continue
         pipe.models["cca"] = model
         run(val, "cca", sweep, label, n=args.n_val, **meta)
     pipe.models["cca"] = shipped
     test_rows = [e for e in entries if e["split"] == "test"]
-    lambda_rows = [e for e in entries if e["sweep"] == "lambda (cca)"]
-    chosen["lambda_by_validation_fid"] = min(lambda_rows, key=lambda e: e["fid"])["lambda"] if lambda_rows else None
+    lambda_rows = [e for e in entries if e["sweep"].startswith("lambda (cca")]
+    best_row = min(lambda_rows, key=lambda e: e["fid"]) if lambda_rows else {}
+    chosen["lambda_by_validation_fid"] = best_row.get("lambda")
+    chosen["beta_by_validation_fid"] = best_row.get("beta")
     summary = evaluate.test_summary(test_rows)
     reseeded = [e for e in entries if e["sweep"] == "training seed (cca)"]
-    training_seed = [e for e in entries if e["sweep"] == "lambda (cca)" and e["lambda"] in
-                     {r["lambda"] for r in reseeded}] + reseeded  # same settings, other data orders
+    reseeded_settings = {(r["lambda"], r["beta"]) for r in reseeded}
+    training_seed = [e for e in lambda_rows if (e["lambda"], e["beta"]) in reseeded_settings] + reseeded
     report = {"model": pipe.name, "n": args.n, "n_val": args.n_val, "n_ref": args.n_ref,
               "reference_seed": ref.seed, "splits": evaluate.SPLITS, "real": real,
               "vq_reconstruction": recon, "options": opts, "chosen_on_validation": chosen,
@@ -134,13 +139,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(evaluate.summary_markdown(summary))
     print(f"wrote {out / (name + '.json')}, {name}.md, {name}_fid_is.png")
     return 0
-
-
-def _variant_key(path: Path) -> tuple[str, float, int]:
-    """work/<loss>_lam<lambda>[_seed<k>] -> (loss, lambda, training seed)."""
-    loss, rest = path.name.split("_lam", 1)
-    lam, _, seed = rest.partition("_seed")
-    return loss, float(lam), int(seed or 0)
 
 
 # ---- contrast ------------------------------------------------------------------------------
@@ -200,7 +198,8 @@ def _eval_markdown(report: dict[str, Any]) -> str:
              f"setting, and the choices; test = image seeds from {splits['test']} ({report['n']} per seed set), "
              "only the chosen settings. Chosen on validation FID: "
              f"cfg scale {chosen['cfg_scale']:g}, cca+cfg scale {chosen['cca_cfg_scale']:g}"
-             + (f"; the lambda sweep's best is λ={chosen['lambda_by_validation_fid']:g}"
+             + (f"; the sweep's best is λ={chosen['lambda_by_validation_fid']:g}, "
+                f"β={chosen['beta_by_validation_fid']:g}"
                 if chosen.get("lambda_by_validation_fid") is not None else "") + ".", "",
              "## Test split (mean ± std over the seed sets)", "",
              evaluate.summary_markdown(report["test"]), ""]

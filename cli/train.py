@@ -30,7 +30,7 @@ from samplers.checkpoint import (
 from samplers.gpt import GPT_PRESETS
 from samplers.var import VAR
 from training import shapes
-from training.recipes import PAPER_LLAMAGEN, PAPER_VAR, RECIPES, cca_recipe, describe
+from training.recipes import PAPER_LLAMAGEN, PAPER_VAR, RECIPES, cca_recipe, describe, variant_name
 from training.trainers import (
     CCATrainArgs,
     CodeData,
@@ -189,13 +189,16 @@ RECIPE: dict[str, Any] = {
     # 3M parameters (6 layers, dim 192): the largest GPT whose training (5000 steps of 64, about
     # 6 passes over the codes) and CCA epochs fit the 3-hour CPU budget; see docs/eval/README.md
     "gpt": {"steps": 5000, "batch_size": 64, "lr": 2e-3},
-    # one epoch over the 50k codes in batches of 64 (781 steps), beta 0.1: see docs/eval/README.md
-    # lambda 30: the lowest validation FID of the sweep (docs/eval/default.md)
-    "cca": {**cca_recipe("toy", None, "cca"), "lam": 30.0, "epochs": 1.0, "batch_size": 64, "lr": 3e-5},
-    "sweep_lambdas": [3.0, 10.0, 30.0],
-    # training noise: a fine-tune of the sweep retrained with other data orders (lambda 10 was the
-    # first setting trained, before the sweep picked 30)
-    "training_noise": {"lam": 10.0, "seeds": [1]},
+    # one epoch over the 50k codes in batches of 64 (781 steps). lambda 30, beta 0.05: the lowest
+    # validation FID of the sweep below (docs/eval/default.md); at beta 0.1 the loss saturates
+    # within ~100 steps (docs/eval/README.md)
+    "cca": {**cca_recipe("toy", None, "cca"), "lam": 30.0, "beta": 0.05, "epochs": 1.0, "batch_size": 64,
+            "lr": 3e-5},
+    # (lambda, beta) pairs `--baselines` trains for the eval's sweep: lambda at beta 0.1 and 0.05,
+    # beta at lambda 30
+    "sweep": [[3.0, 0.1], [10.0, 0.1], [30.0, 0.1], [10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
+    # training noise: fine-tunes of the sweep retrained with other data orders
+    "training_noise": [{"lam": 10.0, "beta": 0.1, "seed": 1}, {"lam": 30.0, "beta": 0.05, "seed": 1}],
     # the model the cca+cfg mode guides: the paper tunes it apart, with lambda 1 and beta 0.1
     "cca_cfg": {**cca_recipe("toy", None, "cca+cfg"), "epochs": 1.0, "batch_size": 64, "lr": 3e-5},
     "evalnet": {"steps": 1500, "pool_size": 20000},
@@ -242,10 +245,10 @@ def _train_all(args: argparse.Namespace) -> int:
     if args.quick:  # a smoke run of the whole recipe, for tests
         recipe.update(vq={"steps": 20, "batch_size": 8, "lr": 2e-3, "pool_size": 200},
                       codes={"num": 400, "data_seed": 0}, gpt={"steps": 10, "batch_size": 16, "lr": 2e-3},
-                      evalnet={"steps": 10, "pool_size": 100}, sweep_lambdas=[],
+                      evalnet={"steps": 10, "pool_size": 100}, sweep=[[30.0, 0.1]],
                       gpt_config={"dim": 64, "n_layer": 2, "n_head": 4}, evalnet_heldout=200, ckpt_every=3)
         recipe["cca"].update(max_steps=3, batch_size=16)
-        recipe["training_noise"] = {"lam": recipe["cca"]["lam"], "seeds": [1]}
+        recipe["training_noise"] = [{"lam": recipe["cca"]["lam"], "beta": recipe["cca"]["beta"], "seed": 1}]
         recipe["cca_cfg"].update(max_steps=3, batch_size=16)
     times: dict[str, float] = {}
     # long stages save train_state.pt every few hundred steps: `--resume` continues a stopped stage
@@ -288,13 +291,12 @@ def _train_all(args: argparse.Namespace) -> int:
         done("gpt")
     else:
         gpt = load_gpt(work / "gpt")  # fp32: the reference of every fine-tune
-    shipped_lam = recipe["cca"]["lam"]
-    variants = [("cca", shipped_lam, 0)]
+    shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
+    variants = [("cca", *shipped, 0)]
     if args.baselines:  # what `ccaserve eval` compares the shipped model with; not shipped
-        variants = [("cca", lam, 0) for lam in sorted({*recipe["sweep_lambdas"], shipped_lam})]
-        noise = recipe["training_noise"]
-        variants += [("cca", noise["lam"], seed) for seed in noise["seeds"]]
-        variants += [("dpo", shipped_lam, 0), ("unlearn", shipped_lam, 0)]
+        variants = [("cca", lam, beta, 0) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
+        variants += [("cca", n["lam"], n["beta"], n["seed"]) for n in recipe["training_noise"]]
+        variants += [("dpo", *shipped, 0), ("unlearn", *shipped, 0)]
 
     def fine_tune(folder: Path, cca_args: CCATrainArgs, ship_as: Path | None) -> None:
         policy = _half(train_cca(folder, gpt, codes, cca_args, setup=resumable))
@@ -302,14 +304,15 @@ def _train_all(args: argparse.Namespace) -> int:
         for dest in (folder, ship_as) if ship_as is not None else (folder,):
             save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
 
-    for loss, lam, seed in variants:
-        folder = work / (f"{loss}_lam{lam:g}" + (f"_seed{seed}" if seed else ""))
+    for loss, lam, beta, seed in variants:
+        folder = work / variant_name(loss, lam, beta, seed)
+        is_shipped = loss == "cca" and (lam, beta) == shipped and not seed
         if not stage(folder.name, _done(folder)):
-            if loss == "cca" and lam == shipped_lam and not seed and _done(folder):
+            if is_shipped and _done(folder):
                 _copy_weights(folder, out / "cca_gpt")  # e.g. trained as part of the sweep
             continue
-        ship_as = out / "cca_gpt" if loss == "cca" and lam == shipped_lam and not seed else None
-        fine_tune(folder, CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "seed": seed}), ship_as)
+        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed})
+        fine_tune(folder, cca_args, out / "cca_gpt" if is_shipped else None)
         done(folder.name)
     if stage("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
         fine_tune(work / "cca_cfg", CCATrainArgs(loss="cca", **recipe["cca_cfg"]), out / "cca_cfg_gpt")
@@ -454,9 +457,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the recipe")
     p.add_argument("--resume", action="store_true", help="keep stages whose outputs already exist")
     p.add_argument("--only", default=None, metavar="STAGES",
-                   help="run only these stages (comma-separated: vq, codes, gpt, cca_lam10, cca_lam30_seed1, "
-                        "dpo_lam10, cca_cfg, evalnet, ...); the ones they build on must exist. Lets stages run "
-                        "side by side")
+                   help="run only these stages (comma-separated: vq, codes, gpt, cca_lam30_beta0.05, "
+                        "cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet, ...); the ones they "
+                        "build on must exist. Lets stages run side by side")
     p.add_argument("--baselines", action="store_true",
                    help="also the lambda sweep, a retrained-seed copy, DPO and unlearning models that `ccaserve eval` "
                         "compares (about 26 min each on one core; run two side by side with --only)")

@@ -331,12 +331,16 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
     for e in entries:
         if e not in off_scale:
             groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
-    styles = {"cfg scale (base)": ("tab:blue", "o-"), "lambda (cca)": ("tab:red", "s-"),
-              "cfg scale (cca+cfg)": ("tab:purple", "^-")}
+    styles = {"cfg scale (base)": ("tab:blue", "o-"), "cfg scale (cca+cfg)": ("tab:purple", "^-")}
+    lambda_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
     for name, group in groups.items():
         if name == "real":
             continue
-        colour, style = styles.get(name, (None, "D"))
+        if name.startswith("lambda"):  # one lambda curve per beta
+            group = sorted(group, key=lambda g: g["lambda"])
+            colour, style = next(lambda_colours, None), "s-"
+        else:
+            colour, style = styles.get(name, (None, "D"))
         xs, ys = [g["is"] for g in group], [g["fid"] for g in group]
         ax.plot(xs, ys, style, color=colour, label=name, markersize=6, linewidth=1.5 if len(group) > 1 else 0)
         for g in group:
@@ -356,11 +360,13 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
     plt.close(fig)
 
 
-def _settings_label(entry: dict[str, Any]) -> str:
+def settings_label(entry: dict[str, Any]) -> str:
+    """The short label of a row's setting, as the plot and the tables show it."""
+    beta = f" β={entry['beta']:g}" if entry.get("beta") is not None else ""
     if entry.get("sweep", "").startswith("lambda"):
-        return f"λ={entry['lambda']:g}"
+        return f"λ={entry['lambda']:g}{beta}"
     if entry.get("sweep") == "training seed (cca)":
-        return f"λ={entry['lambda']:g} seed {entry['train_seed']}"
+        return f"λ={entry['lambda']:g}{beta} seed {entry['train_seed']}"
     if entry.get("cfg_scale", 1.0) != 1.0:
         return f"s={entry['cfg_scale']:g}"
     return ""
@@ -369,7 +375,7 @@ def _settings_label(entry: dict[str, Any]) -> str:
 def finish_entry(entry: dict[str, Any], **meta: Any) -> dict[str, Any]:
     entry.update(meta)
     entry["rows_per_image"] = get_mode(entry["mode"]).rows_per_image
-    entry["setting"] = _settings_label(entry)
+    entry["setting"] = settings_label(entry)
     return entry
 
 

@@ -223,7 +223,9 @@ def test_train_all_quick_then_eval(tmp_path):
     for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
-    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam30", "cca_lam30_seed1", "dpo_lam30", "unlearn_lam30"}
+    assert {p.name for p in work.glob("*_lam*")} == {"cca_lam30_beta0.05", "cca_lam30_beta0.05_seed1",
+                                                     "cca_lam30_beta0.1", "dpo_lam30_beta0.05",
+                                                     "unlearn_lam30_beta0.05"}
     assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--cca-cfg-ckpt",
                  str(out / "cca_cfg_gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
                  "--work", str(work), "--n", "40", "--n-val", "30", "--test-repeats", "2",
@@ -234,15 +236,17 @@ def test_train_all_quick_then_eval(tmp_path):
     test = [e for e in report["entries"] if e["split"] == "test"]
     assert [(e["mode"], e["sweep"]) for e in val] == [
         ("free", "free"), ("cfg", "cfg scale (base)"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
-        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca)"), ("cca", "training seed (cca)"), ("cca", "dpo"),
-        ("cca", "unlearn")]
+        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "training seed (cca)"),
+        ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
     assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
-    # the sweep's lambda=30 model is the shipped one: same samples, same numbers
+    # the sweep's lambda=30 beta=0.05 model is the shipped one: same samples, same numbers
     shipped, swept = val[3], val[5]
     assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
-    assert val[6]["train_seed"] == 1 and val[6]["model"] == "cca lambda=30 seed=1"  # another data order:
-    assert ((work / "cca_lam30_seed1" / "model.safetensors").read_bytes()       # other weights
-            != (work / "cca_lam30" / "model.safetensors").read_bytes())
+    assert val[6]["train_seed"] == 1 and val[6]["model"] == "cca λ=30 β=0.05 seed=1"  # another data order:
+    assert ((work / "cca_lam30_beta0.05_seed1" / "model.safetensors").read_bytes()       # other weights
+            != (work / "cca_lam30_beta0.05" / "model.safetensors").read_bytes())
+    assert (val[7]["lambda"], val[7]["beta"], val[7]["setting"]) == (30, 0.1, "λ=30 β=0.1")
+    assert report["noise"]["training_seed_fid"][0]["model"] == "cca λ=30 β=0.05"
     # the test split: the chosen settings only, on other seeds, one row per mode and seed set
     best = min(val[1:3], key=lambda e: e["fid"])["cfg_scale"]
     assert report["chosen_on_validation"]["cfg_scale"] == best

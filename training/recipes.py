@@ -81,3 +81,16 @@ def describe(recipe: str, preset: str | None, target: str, settings: dict[str, A
 
 __all__ = ["cca_recipe", "describe", "PAPER_LLAMAGEN", "PAPER_VAR", "PAPER_COMMON", "PAPER_VAR_COMMON",
            "AUTHORS_CODE", "TOY_CCA", "RECIPES"]
+
+
+def variant_name(loss: str, lam: float, beta: float, seed: int) -> str:
+    """The work folder of one fine-tune: <loss>_lam<lambda>_beta<beta>[_seed<k>]."""
+    return f"{loss}_lam{lam:g}_beta{beta:g}" + (f"_seed{seed}" if seed else "")
+
+
+def parse_variant_name(name: str) -> tuple[str, float, float, int]:
+    """Inverse of variant_name: (loss, lambda, beta, training seed)."""
+    loss, rest = name.split("_lam", 1)
+    lam, _, rest = rest.partition("_beta")
+    beta, _, seed = rest.partition("_seed")
+    return loss, float(lam), float(beta), int(seed or 0)
