@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from evaluation import contrast, evaluate
-from samplers.checkpoint import load_gpt
+from samplers.checkpoint import load_gpt, load_var
 from samplers.modes import normalize_mode
 from samplers.registry import Registry
 from training import distributed
@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     real = evaluate.real_data_metrics(net, ref, args.n)
     print(f"real images: fid {real['fid']:.3f} is {real['is']:.2f} acc {real['accuracy']:.3f} "
           f"(the floor at n={args.n})")
-    recon = evaluate.reconstruction_metrics(net, ref, pipe.vq, args.n)
+    recon = evaluate.reconstruction_metrics(net, ref, pipe.family, args.n)
     print(f"VQ reconstructions of real images: fid {recon['fid']:.3f} is {recon['is']:.2f} "
           f"acc {recon['accuracy']:.3f} (the tokenizer's ceiling)")
 
@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shipped = pipe.cca_gpt
     for variant in variants:
         loss, lam, beta, train_seed = parse_variant_name(variant.name)
-        model = load_gpt(variant)
+        model = load_var(variant, pipe.vq) if pipe.family.name == "var" else load_gpt(variant)
         sweep = (f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
         label = f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
         meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed}

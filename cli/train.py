@@ -229,105 +229,192 @@ def _done(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
 
 
-def cmd_train_all(args: argparse.Namespace) -> int:
-    """The recipe, stage by stage; with --resume, stages whose outputs exist are loaded, not redone."""
-    threads = torch.get_num_threads()
-    try:
-        return _train_all(args)
-    finally:
-        torch.set_num_threads(threads)  # the recipe sets them per stage
+# The small VAR of the `shapes1k-var` registry entry: VAR's multi-scale VQVAE and next-scale
+# transformer on the same Shapes-1k images; its own budget (2 hours on 2 cores, docs/eval/default_var.md)
+VAR_RECIPE: dict[str, Any] = {
+    "var_vae": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "pool_size": 16000},
+    "var_codes": {"num": 50000, "data_seed": 0},
+    # 130 tokens per image (scales 1, 2, 3, 4, 6, 8) against the GPT's 64: fewer steps for the same time
+    "var": {"steps": 3500, "batch_size": 64, "lr": 2e-3},
+    "var_config": {},  # overrides of training.trainers.DEFAULT_VAR_CONFIG
+    # the GPT's recipe (one epoch, beta 0.05); VAR-d16 in the paper trains without drop-path, as here
+    "cca": {**RECIPE["cca"], "dropout": False},
+    "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05]],
+    "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
+    "ckpt_every": 250,
+    "threads": {"var": 2, "default": 1},
+}
+
+FAMILIES = ("llamagen", "var")
 
 
-def _train_all(args: argparse.Namespace) -> int:
-    out, work = Path(args.out), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    recipe = json.loads(json.dumps(RECIPE))
-    if args.quick:  # a smoke run of the whole recipe, for tests
+def _quick(recipe: dict[str, Any], family: str) -> dict[str, Any]:
+    """A smoke-test size of a family's recipe (seconds per stage), for the tests."""
+    recipe = json.loads(json.dumps(recipe))
+    if family == "llamagen":
         recipe.update(vq={"steps": 20, "batch_size": 8, "lr": 2e-3, "pool_size": 200},
                       codes={"num": 400, "data_seed": 0}, gpt={"steps": 10, "batch_size": 16, "lr": 2e-3},
                       evalnet={"steps": 10, "pool_size": 100}, sweep=[[30.0, 0.1]],
-                      gpt_config={"dim": 64, "n_layer": 2, "n_head": 4}, evalnet_heldout=200, ckpt_every=3)
-        recipe["cca"].update(max_steps=3, batch_size=16)
-        recipe["training_noise"] = [{"lam": recipe["cca"]["lam"], "beta": recipe["cca"]["beta"], "seed": 1}]
+                      gpt_config={"dim": 64, "n_layer": 2, "n_head": 4}, evalnet_heldout=200)
         recipe["cca_cfg"].update(max_steps=3, batch_size=16)
-    times: dict[str, float] = {}
-    # long stages save train_state.pt every few hundred steps: `--resume` continues a stopped stage
-    # from there, with the same data order and random draws, so the result does not depend on stops
-    resumable = RunSetup(ckpt_every=recipe["ckpt_every"], resume=args.resume)
+    else:
+        recipe.update(var_vae={"steps": 10, "batch_size": 8, "lr": 2e-3, "pool_size": 100},
+                      var_codes={"num": 200, "data_seed": 0}, var={"steps": 6, "batch_size": 16, "lr": 2e-3},
+                      var_config={"depth": 2, "embed_dim": 64, "num_heads": 4}, sweep=[])
+    recipe["cca"].update(max_steps=3, batch_size=16)
+    recipe["training_noise"] = [{"lam": recipe["cca"]["lam"], "beta": recipe["cca"]["beta"], "seed": 1}]
+    recipe["ckpt_every"] = 3
+    return recipe
 
-    only = set(args.only.split(",")) if args.only else None
 
-    def stage(name: str, exists: bool) -> bool:
-        if args.resume and exists:
+class _Stages:
+    """Which stages of a recipe run (``--resume`` keeps finished ones, ``--only`` names some), the
+    CPU threads each gets, and how long each took."""
+
+    def __init__(self, args: argparse.Namespace, recipe: dict[str, Any], base: tuple[str, ...], where: str,
+                 prefix: str = ""):
+        self.args, self.recipe, self.base, self.where = args, recipe, base, where
+        self.prefix = prefix  # of the fine-tunes' stage names: "var_" tells the VAR family's apart
+        self.only = set(args.only.split(",")) if args.only else None
+        self.times: dict[str, float] = {}
+        # long stages save train_state.pt every few hundred steps: `--resume` continues a stopped
+        # stage from there, with the same data order and random draws, so the result does not depend on stops
+        self.setup = RunSetup(ckpt_every=recipe["ckpt_every"], resume=args.resume)
+
+    def start(self, name: str, exists: bool) -> bool:
+        if self.args.resume and exists:
             print(f"[{name}] found, kept (--resume)")
             return False
-        if only is not None and name not in only:
-            if name in ("vq", "codes", "gpt"):  # what the named stages build on
-                raise SystemExit(f"error: --only {args.only}: stage {name} has no output in {out} / {work} yet")
+        if self.only is not None and name not in self.only:
+            if name in self.base:  # what the named stages build on
+                raise SystemExit(f"error: --only {self.args.only}: stage {name} has no output in {self.where} yet")
             return False
-        threads = recipe["threads"]
+        threads = self.recipe["threads"]
         torch.set_num_threads(threads.get(name, threads["default"]))
-        times[name] = time.time()
+        self.times[name] = time.time()
         return True
 
-    def done(name: str) -> None:
-        times[name] = time.time() - times[name]
+    def done(self, name: str) -> None:
+        self.times[name] = time.time() - self.times[name]
 
-    if stage("vq", _done(out / "vq")):
-        vq = train_vq(out / "vq", args=VQTrainArgs(**recipe["vq"]))
-        done("vq")
-    else:
-        vq = load_vq(out / "vq")
-    if stage("codes", (work / "codes.npz").exists()):
-        codes = extract_codes(vq, recipe["codes"]["num"], recipe["codes"]["data_seed"])
-        codes.save(work / "codes.npz")
-        done("codes")
-    else:
-        codes = CodeData.load(work / "codes.npz")
-    if stage("gpt", _done(work / "gpt") and _done(out / "gpt")):
-        gpt = train_gpt(work / "gpt", codes, {**recipe["gpt_config"], "block_size": codes.seq_len},
-                        GPTTrainArgs(**recipe["gpt"]), setup=resumable)
-        save_pretrained(_half(copy.deepcopy(gpt)), out / "gpt", extra={"train": recipe["gpt"]})
-        done("gpt")
-    else:
-        gpt = load_gpt(work / "gpt")  # fp32: the reference of every fine-tune
+    def write_times(self, work: Path) -> None:
+        log_file = work / "train_times.json"
+        previous = json.loads(log_file.read_text()) if log_file.exists() else {}
+        log_file.write_text(json.dumps({**previous, **{k: round(v, 1) for k, v in self.times.items()}}, indent=1))
+        if self.times:
+            print("training times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.times.items()))
+
+
+def _variants(recipe: dict[str, Any], baselines: bool) -> list[tuple[str, float, float, int]]:
+    """The fine-tunes a recipe asks for: the shipped one; with ``baselines`` the eval's sweep, the
+    retrained-seed copies, DPO and unlearning."""
     shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
-    variants = [("cca", *shipped, 0)]
-    if args.baselines:  # what `ccaserve eval` compares the shipped model with; not shipped
-        variants = [("cca", lam, beta, 0) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
-        variants += [("cca", n["lam"], n["beta"], n["seed"]) for n in recipe["training_noise"]]
-        variants += [("dpo", *shipped, 0), ("unlearn", *shipped, 0)]
+    if not baselines:
+        return [("cca", *shipped, 0)]
+    variants = [("cca", lam, beta, 0) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
+    variants += [("cca", n["lam"], n["beta"], n["seed"]) for n in recipe["training_noise"]]
+    return variants + [("dpo", *shipped, 0), ("unlearn", *shipped, 0)]
 
-    def fine_tune(folder: Path, cca_args: CCATrainArgs, ship_as: Path | None) -> None:
-        policy = _half(train_cca(folder, gpt, codes, cca_args, setup=resumable))
-        # every fine-tune is kept in fp16, as shipped, so the sweep scores exactly the shipped weights
-        for dest in (folder, ship_as) if ship_as is not None else (folder,):
-            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
 
-    for loss, lam, beta, seed in variants:
+def _fine_tunes(stages: _Stages, ref: torch.nn.Module, codes: CodeData, work: Path, ship_as: Path,
+                baselines: bool) -> None:
+    """Every fine-tune in fp16, as shipped, so that the sweep scores exactly the shipped weights."""
+    recipe = stages.recipe
+    shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
+    for loss, lam, beta, seed in _variants(recipe, baselines):
         folder = work / variant_name(loss, lam, beta, seed)
+        name = stages.prefix + folder.name
         is_shipped = loss == "cca" and (lam, beta) == shipped and not seed
-        if not stage(folder.name, _done(folder)):
+        if not stages.start(name, _done(folder)):
             if is_shipped and _done(folder):
-                _copy_weights(folder, out / "cca_gpt")  # e.g. trained as part of the sweep
+                _copy_weights(folder, ship_as)  # e.g. trained as part of the sweep
             continue
         cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed})
-        fine_tune(folder, cca_args, out / "cca_gpt" if is_shipped else None)
-        done(folder.name)
-    if stage("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
-        fine_tune(work / "cca_cfg", CCATrainArgs(loss="cca", **recipe["cca_cfg"]), out / "cca_cfg_gpt")
-        done("cca_cfg")
-    if stage("evalnet", (out / "evalnet" / "model.safetensors").exists()):
-        evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),
-                               heldout=recipe["evalnet_heldout"])
-        done("evalnet")
-    (out / "class_names.json").write_text(json.dumps(shapes.class_names(), indent=0))
-    log_file = work / "train_times.json"
-    previous = json.loads(log_file.read_text()) if log_file.exists() else {}
-    log_file.write_text(json.dumps({**previous, **{k: round(v, 1) for k, v in times.items()}}, indent=1))
-    print("training times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+        policy = _half(train_cca(folder, ref, codes, cca_args, setup=stages.setup))
+        for dest in (folder, ship_as) if is_shipped else (folder,):
+            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+        stages.done(name)
+
+
+def cmd_train_all(args: argparse.Namespace) -> int:
+    """The recipes, stage by stage; with --resume, stages whose outputs exist are loaded, not redone.
+    The VAR family's parts go next to the LlamaGen family's: OUT_var and WORK_var."""
+    threads = torch.get_num_threads()
+    out, work = Path(args.out), Path(args.work)
+    families = set(FAMILIES) if args.family == "all" else {args.family}
+    if args.only:  # the VAR family's stages are the ones named var*
+        families &= {"var" if name.startswith("var") else "llamagen" for name in args.only.split(",")}
+    try:
+        if "llamagen" in families:
+            _train_llamagen(args, out, work)
+        if "var" in families:
+            _train_var(args, out.with_name(out.name + "_var"), work.with_name(work.name + "_var"))
+    finally:
+        torch.set_num_threads(threads)  # the recipe sets them per stage
     return 0
 
+
+def _train_llamagen(args: argparse.Namespace, out: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = _quick(RECIPE, "llamagen") if args.quick else json.loads(json.dumps(RECIPE))
+    stages = _Stages(args, recipe, ("vq", "codes", "gpt"), f"{out} / {work}")
+    if stages.start("vq", _done(out / "vq")):
+        vq = train_vq(out / "vq", args=VQTrainArgs(**recipe["vq"]))
+        stages.done("vq")
+    else:
+        vq = load_vq(out / "vq")
+    if stages.start("codes", (work / "codes.npz").exists()):
+        codes = extract_codes(vq, recipe["codes"]["num"], recipe["codes"]["data_seed"])
+        codes.save(work / "codes.npz")
+        stages.done("codes")
+    else:
+        codes = CodeData.load(work / "codes.npz")
+    if stages.start("gpt", _done(work / "gpt") and _done(out / "gpt")):
+        gpt = train_gpt(work / "gpt", codes, {**recipe["gpt_config"], "block_size": codes.seq_len},
+                        GPTTrainArgs(**recipe["gpt"]), setup=stages.setup)
+        save_pretrained(_half(copy.deepcopy(gpt)), out / "gpt", extra={"train": recipe["gpt"]})
+        stages.done("gpt")
+    else:
+        gpt = load_gpt(work / "gpt")  # fp32: the reference of every fine-tune
+    _fine_tunes(stages, gpt, codes, work, out / "cca_gpt", args.baselines)
+    if stages.start("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
+        cca_args = CCATrainArgs(loss="cca", **recipe["cca_cfg"])
+        policy = _half(train_cca(work / "cca_cfg", gpt, codes, cca_args, setup=stages.setup))
+        for dest in (work / "cca_cfg", out / "cca_cfg_gpt"):
+            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+        stages.done("cca_cfg")
+    if stages.start("evalnet", (out / "evalnet" / "model.safetensors").exists()):
+        evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),
+                               heldout=recipe["evalnet_heldout"])
+        stages.done("evalnet")
+    (out / "class_names.json").write_text(json.dumps(shapes.class_names(), indent=0))
+    stages.write_times(work)
+
+
+def _train_var(args: argparse.Namespace, out: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = _quick(VAR_RECIPE, "var") if args.quick else json.loads(json.dumps(VAR_RECIPE))
+    stages = _Stages(args, recipe, ("var_vae", "var_codes", "var"), f"{out} / {work}", prefix="var_")
+    if stages.start("var_vae", _done(out / "vae")):
+        vae = train_var_vae(out / "vae", args=VARVAETrainArgs(**recipe["var_vae"]))
+        stages.done("var_vae")
+    else:
+        vae = load_var_vae(out / "vae")
+    if stages.start("var_codes", (work / "codes.npz").exists()):
+        codes = extract_codes(vae, recipe["var_codes"]["num"], recipe["var_codes"]["data_seed"])
+        codes.save(work / "codes.npz")
+        stages.done("var_codes")
+    else:
+        codes = CodeData.load(work / "codes.npz")
+    if stages.start("var", _done(work / "var") and _done(out / "var")):
+        var = train_var(work / "var", vae, codes, recipe["var_config"], VARTrainArgs(**recipe["var"]),
+                        setup=stages.setup)
+        save_pretrained(_half(copy.deepcopy(var)), out / "var", extra={"train": recipe["var"]})
+        stages.done("var")
+    else:
+        var = load_var(work / "var", vae)  # fp32: the reference of every fine-tune
+    _fine_tunes(stages, var, codes, work, out / "cca_var", args.baselines)
+    stages.write_times(work)
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -454,12 +541,16 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("all", help="retrain the whole default model from scratch (fixed seeds)")
     p.add_argument("--out", default="weights/shapes1k", help="shipped parts: vq, gpt, cca_gpt, cca_cfg_gpt, evalnet")
     p.add_argument("--work", default="runs/shapes1k", help="codes, fp32 base, the lambda-sweep and baseline models")
+    p.add_argument("--family", choices=["all", *FAMILIES], default="all",
+                   help="which default family to build: the LlamaGen one (OUT, WORK) or the small VAR "
+                        "(OUT_var, WORK_var)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the recipe")
     p.add_argument("--resume", action="store_true", help="keep stages whose outputs already exist")
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="run only these stages (comma-separated: vq, codes, gpt, cca_lam30_beta0.05, "
-                        "cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet, ...); the ones they "
-                        "build on must exist. Lets stages run side by side")
+                        "cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet; the VAR family's: "
+                        "var_vae, var_codes, var, var_cca_lam30_beta0.05, ...); the ones they build on must "
+                        "exist. Lets stages run side by side")
     p.add_argument("--baselines", action="store_true",
                    help="also the lambda sweep, a retrained-seed copy, DPO and unlearning models that `ccaserve eval` "
                         "compares (about 26 min each on one core; run two side by side with --only)")

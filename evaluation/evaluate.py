@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from samplers.family import ModelFamily
 from samplers.modes import get_mode
 from training import shapes
 
@@ -294,12 +295,13 @@ def real_data_metrics(net: EvalNet, ref: Reference, n: int, seed: int = REFERENC
 
 
 @torch.no_grad()
-def reconstruction_metrics(net: EvalNet, ref: Reference, vq: Any, n: int, seed: int = REFERENCE_SEED + 1
-                           ) -> dict[str, Any]:
-    """Held-out real images passed through the VQ tokenizer: the best any AR model on these codes
-    can score (the tokenizer's ceiling)."""
+def reconstruction_metrics(net: EvalNet, ref: Reference, family: ModelFamily, n: int,
+                           seed: int = REFERENCE_SEED + 1) -> dict[str, Any]:
+    """Held-out real images passed through the family's tokenizer: the best any AR model on these
+    codes can score (the tokenizer's ceiling)."""
     images, labels = shapes.make_batch(seed, range(n))
-    recon = torch.cat([vq.decode_code(vq.encode_to_codes(images[i : i + 500])) for i in range(0, n, 500)])
+    recon = torch.cat([family.codes_to_images(family.images_to_codes(images[i : i + 500])).cpu()
+                       for i in range(0, n, 500)])
     return {"mode": "vq reconstruction", "n": n, **sample_metrics(net, ref, recon, labels)}
 
 

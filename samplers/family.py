@@ -72,6 +72,10 @@ class ModelFamily(ABC):
         """Token sequences [B, L] -> images [B, 3, H, W] in [-1, 1]."""
 
     @abstractmethod
+    def images_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> the token sequences [B, L] a transformer of this family reads."""
+
+    @abstractmethod
     def check_options(self, options: SamplingOptions) -> None:
         """Raise InvalidRequest for options this family cannot honour."""
 
@@ -124,6 +128,9 @@ class LlamaGenFamily(ModelFamily):
         grid = (self.grid_size, self.grid_size)
         return self.tokenizer.decode_code(codes.to(self.device), grid)
 
+    def images_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode_to_codes(images.to(self.device))
+
     @classmethod
     def tokens_per_image(cls, model: torch.nn.Module) -> int:
         return model.config.block_size
@@ -154,6 +161,9 @@ class VARFamily(ModelFamily):
     @torch.inference_mode()
     def codes_to_images(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode_code(codes)
+
+    def images_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.tokenizer.img_to_idx(images), dim=1)  # every scale, coarse to fine
 
     @classmethod
     def tokens_per_image(cls, model: torch.nn.Module) -> int:

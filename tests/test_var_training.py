@@ -135,3 +135,37 @@ def test_var_training_commands(tmp_path):
                  "--out", str(tmp_path / "var"), "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
                  "--steps", "2", "--batch-size", "8"]) == 0
     assert load_var(tmp_path / "var", load_var_vae(tmp_path / "vae")).config.depth == 2
+
+
+def test_train_all_builds_the_small_var_family(tmp_path):
+    """`train all --family var` at smoke size: VAR's VQVAE, its codes, the VAR, the shipped CCA
+    fine-tune and the eval's baselines; the shipped parts load as a pipeline that samples every mode,
+    and the tokenizer's reconstructions go through the family's own encode/decode."""
+    from cli import main
+    from evaluation import evaluate
+    from samplers.pipeline import Pipeline
+
+    out, work = tmp_path / "shapes1k", tmp_path / "runs"
+    assert main(["train", "all", "--quick", "--family", "var", "--baselines", "--out", str(out),
+                 "--work", str(work)]) == 0
+    assert not out.exists()  # the LlamaGen family's folders are not touched
+    out_var, work_var = tmp_path / "shapes1k_var", tmp_path / "runs_var"
+    assert {p.name for p in out_var.iterdir()} == {"vae", "var", "cca_var"}
+    assert {p.name for p in work_var.glob("*_lam*")} == {"cca_lam30_beta0.05", "cca_lam30_beta0.05_seed1",
+                                                         "dpo_lam30_beta0.05", "unlearn_lam30_beta0.05"}
+    shipped = out_var / "cca_var" / "model.safetensors"
+    assert shipped.read_bytes() == (work_var / "cca_lam30_beta0.05" / "model.safetensors").read_bytes()
+    vae = load_var_vae(out_var / "vae")
+    pipe = Pipeline(load_var(out_var / "var", vae), vae, cca_gpt=load_var(out_var / "cca_var", vae))
+    for mode in ("free", "cfg", "cca", "cca+cfg"):
+        assert pipe.sample_images([207], mode, [0]).shape == (1, 3, 32, 32)
+    images, _ = evaluate.shapes.make_batch(0, range(4))
+    codes = pipe.family.images_to_codes(images)
+    assert codes.shape == (4, 130) and torch.equal(codes, torch.cat(vae.img_to_idx(images), dim=1))
+    # --resume keeps every finished stage; --only runs the named one (a VAR stage: var_*)
+    assert main(["train", "all", "--quick", "--family", "var", "--resume", "--out", str(out),
+                 "--work", str(work)]) == 0
+    assert shipped.read_bytes() == (work_var / "cca_lam30_beta0.05" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="stage var_vae has no output"):
+        main(["train", "all", "--quick", "--only", "var_cca_lam30_beta0.05", "--out", str(tmp_path / "o2"),
+              "--work", str(tmp_path / "w2")])

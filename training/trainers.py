@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from samplers.checkpoint import save_pretrained
+from samplers.family import family_for
 from samplers.gpt import GPT, build_gpt
 from samplers.var import VAR, build_var
 from samplers.var_vae import VARVAE, build_var_vae
@@ -346,14 +347,11 @@ def extract_codes(tokenizer: VQModel | VARVAE, num_images: int, data_seed: int =
                   progress: bool = True) -> CodeData:
     """Tokenize the first ``num_images`` Shapes-1k images of ``data_seed``: LlamaGen's VQ codes, or
     VAR's multi-scale codes (every scale's ids concatenated, coarse to fine)."""
-    tokenizer.eval()
+    family = family_for(tokenizer.eval())
     codes, labels = [], []
     for start in tqdm(range(0, num_images, batch_size), desc="extract codes", disable=not progress):
         images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
-        if isinstance(tokenizer, VARVAE):
-            codes.append(torch.cat(tokenizer.img_to_idx(images), dim=1))
-        else:
-            codes.append(tokenizer.encode_to_codes(images))
+        codes.append(family.images_to_codes(images).cpu())
         labels.append(lab)
     return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
