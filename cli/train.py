@@ -29,7 +29,7 @@ from samplers.checkpoint import (
 )
 from samplers.gpt import GPT_PRESETS
 from samplers.var import VAR
-from training import shapes
+from training import distributed, shapes
 from training.recipes import PAPER_LLAMAGEN, PAPER_VAR, RECIPES, cca_recipe, describe, variant_name
 from training.trainers import (
     CCATrainArgs,
@@ -90,10 +90,15 @@ def cmd_train_var(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_codes(args: argparse.Namespace) -> int:
-    data = extract_var_codes(load_var_vae(args.vae), args.images, flip=not args.no_flip, batch_size=args.batch_size,
-                             progress=not args.quiet)
-    data.save(args.out)
-    print(f"wrote {len(data)} images' codes ({data.seq_len} tokens, all scales) to {args.out}")
+    env = distributed.init(args.device)
+    parts = Path(args.parts) if args.parts else Path(str(args.out) + ".parts")
+    data = extract_var_codes(load_var_vae(args.vae, device=env.device), args.images, flip=not args.no_flip,
+                             batch_size=args.batch_size, progress=not args.quiet, parts=parts,
+                             chunk_size=args.chunk_size, env=env)
+    if data is not None:  # rank 0
+        data.save(args.out)
+        print(f"wrote {len(data)} images' codes ({data.seq_len} tokens, all scales) to {args.out} "
+              f"(chunks kept in {parts} for --resume; remove them once done)")
     return 0
 
 
@@ -494,12 +499,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_cca)
 
     p = sub.add_parser("extract-codes", help="VAR: encode an ImageNet-layout image folder with the VQVAE into "
-                       "multi-scale codes for `train cca` (centre crop; the mirrored image as a second view)")
+                       "multi-scale codes for `train cca` (centre crop; the mirrored image as a second view); "
+                       "resumable, and split over ranks under torchrun")
     p.add_argument("--vae", required=True, help="VAR's VQVAE (vae_ch160v4096z32.pth or a safetensors dir)")
     p.add_argument("--images", required=True, help="ROOT/CLASS/IMAGE folder; sorted class folders = labels")
     p.add_argument("--out", required=True, help=".npz of codes [N, 680], labels and the flipped view")
     p.add_argument("--no-flip", action="store_true", help="do not store the mirrored view")
     p.add_argument("--batch-size", type=int, default=16, help="images encoded together")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="images per saved chunk: a stopped run (or another rank count) resumes from the chunks")
+    p.add_argument("--parts", default=None, help="folder of the finished chunks (default: OUT.parts)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available, one GPU per rank)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract_codes)
 

@@ -83,6 +83,32 @@ def test_extract_codes_from_an_image_folder(tiny, tmp_path):
     data.save(tmp_path / "codes.npz")
     back = CodeData.load(tmp_path / "codes.npz")
     assert torch.equal(back.augmentations.long(), data.augmentations.long())
+    # in chunks on disk: the same codes; a stopped run resumes from the chunks it finished
+    chunked = extract_var_codes(vae, tmp_path / "imgs", progress=False, parts=tmp_path / "parts", chunk_size=4)
+    assert sorted(p.name for p in (tmp_path / "parts").glob("chunk_*")) == ["chunk_000000.npy", "chunk_000001.npy"]
+    assert torch.equal(chunked.augmentations, data.augmentations) and torch.equal(chunked.labels, data.labels)
+    (tmp_path / "parts" / "chunk_000001.npy").unlink()
+    resumed = extract_var_codes(vae, tmp_path / "imgs", progress=False, parts=tmp_path / "parts", chunk_size=4)
+    assert torch.equal(resumed.augmentations, data.augmentations)
+    with pytest.raises(ValueError, match="another extraction"):
+        extract_var_codes(vae, tmp_path / "imgs", progress=False, parts=tmp_path / "parts", chunk_size=2)
+
+
+def test_extract_codes_on_two_ranks_equals_one_process(tiny, tmp_path):
+    vae, _ = tiny
+    save_pretrained(vae, tmp_path / "vae")
+    rng = np.random.default_rng(1)
+    for c in ("a", "b", "c"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    common = ["extract-codes", "--vae", "vae", "--images", "imgs", "--chunk-size", "2", "--device", "cpu", "--quiet"]
+    _run(_torchrun(*common, "--out", "ranks.npz"), tmp_path)
+    _run(_ccaserve(*common, "--out", "one.npz"), tmp_path)
+    two, one = CodeData.load(tmp_path / "ranks.npz"), CodeData.load(tmp_path / "one.npz")
+    assert len(one) == 9 and torch.equal(two.augmentations, one.augmentations)
+    assert torch.equal(two.labels, one.labels)
+    assert len(list((tmp_path / "ranks.npz.parts").glob("chunk_*.npy"))) == 5  # 9 images in chunks of 2
 
 
 def test_two_ranks_equal_one_process_accumulating(tiny, tmp_path):

@@ -12,8 +12,9 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,19 +174,66 @@ def _load_square(path: Path, size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract_var_codes(vae: torch.nn.Module, images: str | Path, flip: bool = True, batch_size: int = 16,
-                      progress: bool = True) -> CodeData:
-    """Multi-scale codes of an image folder with VAR's VQVAE: [N, L] (all scales, coarse to fine),
-    and with ``flip`` the mirrored image as a second stored augmentation that training draws from."""
-    files, labels, _ = image_folder(images)
+def _encode_views(vae: torch.nn.Module, files: Sequence[Path], flip: bool, batch_size: int) -> np.ndarray:
+    """[n, A, L]: every scale's ids of each image (and of its mirror, with ``flip``)."""
     size = vae.config.image_size
+    device = next(vae.parameters()).device
     views: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(files), batch_size), desc="extract codes", unit="batch", disable=not progress):
-        batch = torch.stack([_load_square(f, size) for f in files[start : start + batch_size]]).to(vae.device)
+    for start in range(0, len(files), batch_size):
+        batch = torch.stack([_load_square(f, size) for f in files[start : start + batch_size]]).to(device)
         variants = [batch, batch.flip(-1)] if flip else [batch]
-        codes = [torch.cat(vae.img_to_idx(v), dim=1).cpu() for v in variants]
-        views.append(torch.stack(codes, dim=1))  # [b, A, L]
-    stacked = torch.cat(views).numpy()
+        views.append(torch.stack([torch.cat(vae.img_to_idx(v), dim=1).cpu() for v in variants], dim=1))
+    return torch.cat(views).numpy()
+
+
+def extract_var_codes(vae: torch.nn.Module, images: str | Path, flip: bool = True, batch_size: int = 16,
+                      progress: bool = True, parts: str | Path | None = None, chunk_size: int = 1024,
+                      env: distributed.DistEnv | None = None) -> CodeData | None:
+    """Multi-scale codes of an image folder with VAR's VQVAE: [N, L] (all scales, coarse to fine),
+    and with ``flip`` the mirrored image as a second stored augmentation that training draws from.
+
+    With ``parts`` (a folder), the images are encoded in chunks of ``chunk_size``, each saved there
+    as it finishes: a stopped run resumes from the chunks on disk, and under torchrun rank r takes
+    chunks r, r + W, ... The result does not depend on the number of ranks or on stops. Returns the
+    codes on rank 0, None on the other ranks."""
+    files, labels, _ = image_folder(images)
+    env = env or distributed.DistEnv()
+    if env.world_size > 1 and parts is None:
+        raise ValueError("under torchrun the ranks exchange their chunks through a folder: pass parts")
+    vae.eval()
+    chunks = range(0, len(files), chunk_size)
+    folder = Path(parts) if parts is not None else None
+    if folder is not None:
+        fingerprint = float(sum(p.detach().double().sum() for p in vae.parameters()))  # which weights, cheaply
+        meta = {"images": str(Path(images).resolve()), "count": len(files), "chunk_size": chunk_size, "flip": flip,
+                "vae": vae.config.to_dict(), "vae_weights_sum": round(fingerprint, 6)}
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_file = folder / "meta.json"
+        if env.is_main and not meta_file.exists():
+            meta_file.write_text(json.dumps(meta, indent=1))
+        distributed.barrier(env)
+        if json.loads(meta_file.read_text()) != meta:
+            raise ValueError(f"{folder} holds chunks of another extraction ({meta_file}); remove it or pass "
+                             "another output")
+    mine = [c for i, c in enumerate(chunks) if i % env.world_size == env.rank]
+    encoded: dict[int, np.ndarray] = {}
+    for start in tqdm(mine, desc="extract codes", unit="chunk", disable=not progress or not env.is_main):
+        path = folder / f"chunk_{start // chunk_size:06d}.npy" if folder is not None else None
+        if path is not None and path.exists():
+            continue  # done before a stop
+        codes = _encode_views(vae, files[start : start + chunk_size], flip, batch_size)
+        if path is None:
+            encoded[start] = codes
+        else:
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, codes)
+            os.replace(tmp, path)  # a kill mid-write leaves no half chunk behind
+    distributed.barrier(env)
+    if not env.is_main:
+        return None
+    if folder is not None:
+        encoded = {c: np.load(folder / f"chunk_{c // chunk_size:06d}.npy") for c in chunks}
+    stacked = np.concatenate([encoded[c] for c in chunks])
     return CodeData(stacked[:, 0], np.asarray(labels), stacked if flip else None)
 
 
