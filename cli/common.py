@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from samplers.pipeline import Pipeline
+from samplers.registry import Registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,8 +111,11 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
 
 
 def pipelines_from_args(args: argparse.Namespace) -> list[Pipeline]:
-    """Every model a command was given: the checkpoints, or each ``--model`` (repeatable)."""
+    """Every model a command was given: the checkpoints, or each ``--model`` (repeatable); with
+    neither, the registry's served models (the shipped families, default first)."""
     names = args.model if isinstance(args.model, list) else [args.model]
+    if names == [None] and not (args.gpt_ckpt or args.vq_ckpt or args.cca_ckpt):
+        names = Registry().served or [None]
     if args.gpt_ckpt or args.vq_ckpt or args.cca_ckpt or len(names) <= 1:
         return [pipeline_from_args(args)]
     out = []

@@ -103,6 +103,8 @@ class Registry:
         path = self.weights_dir / REGISTRY_FILE
         data = json.loads(path.read_text()) if path.exists() else {"default": None, "models": {}}
         self.default: str | None = data.get("default")
+        # what `ccaserve serve` loads when no model is named: the shipped families, default first
+        self.served: list[str] = list(data.get("serve") or ([self.default] if self.default else []))
         self.entries: dict[str, ModelEntry] = {}
         for name, e in data.get("models", {}).items():
             parts = {k: e[k] for k in ("gpt", "cca_gpt", "cca_cfg_gpt", "vq", "evalnet") if e.get(k)}
@@ -116,6 +118,10 @@ class Registry:
                 name, e.get("description", ""), parts, names, float(e.get("default_cfg_scale", 4.0)),
                 self.weights_dir, family,
             )
+
+        unknown = [n for n in self.served if n not in self.entries]
+        if unknown:
+            raise ValueError(f"registry 'serve' names {unknown}, which have no entry")
 
     def names(self) -> list[str]:
         return list(self.entries)

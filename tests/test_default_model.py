@@ -19,6 +19,31 @@ def test_registry_default_is_the_shipped_model():
     assert size < 24 * 2**20  # MBs, not gigabytes
 
 
+def test_serve_loads_the_registrys_served_models(tmp_path):
+    """`ccaserve serve` without --model loads the registry's `serve` list (the shipped families)."""
+    import argparse
+
+    import pytest
+
+    from cli.common import pipelines_from_args
+
+    reg = Registry()
+    assert reg.served[0] == reg.default and all(reg.get(n).available for n in reg.served)
+    data = json.loads((WEIGHTS_DIR / "registry.json").read_text())
+    data["models"] = {k: v for k, v in data["models"].items() if "random" in k}  # no weight files needed
+    data["serve"] = ["tiny-random", "tiny-var-random"]
+    (tmp_path / "registry.json").write_text(json.dumps(data))
+    assert Registry(tmp_path).served == ["tiny-random", "tiny-var-random"]
+    data["serve"] = ["nope"]
+    (tmp_path / "registry.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="nope"):
+        Registry(tmp_path)
+    args = argparse.Namespace(model=None, gpt_ckpt=None, vq_ckpt=None, cca_ckpt=None, cca_cfg_ckpt=None,
+                              device="cpu", precision=None, compile=False, gpt_model=None, vq_model=None,
+                              image_size=None)
+    assert [p.name for p in pipelines_from_args(args)] == reg.served
+
+
 def test_shipped_weights_sample_every_mode():
     pipe = Pipeline.from_registry()
     assert pipe.modes == ["free", "cfg", "cca", "cca+cfg"] and pipe.image_size == 32
