@@ -333,7 +333,8 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
     for e in entries:
         if e not in off_scale:
             groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
-    styles = {"cfg scale (base)": ("tab:blue", "o-"), "cfg scale (cca+cfg)": ("tab:purple", "^-")}
+    styles = {"cfg scale (base)": ("tab:blue", "o-"), "cfg scale (cca+cfg)": ("tab:purple", "^-"),
+              "cca (shipped)": ("black", "*"), "free": ("grey", "D"), "training seed (cca)": ("tab:green", "D")}
     lambda_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
     for name, group in groups.items():
         if name == "real":
