@@ -337,10 +337,27 @@ def _fine_tunes(stages: _Stages, ref: torch.nn.Module, codes: CodeData, work: Pa
                 _copy_weights(folder, ship_as)  # e.g. trained as part of the sweep
             continue
         cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed})
-        policy = _half(train_cca(folder, ref, codes, cca_args, setup=stages.setup))
-        for dest in (folder, ship_as) if is_shipped else (folder,):
-            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+        _tune(stages, ref, codes, folder, cca_args, ship_as if is_shipped else None)
         stages.done(name)
+
+
+def _tune(stages: _Stages, ref: torch.nn.Module, codes: CodeData, folder: Path, cca_args: CCATrainArgs,
+          ship_as: Path | None) -> None:
+    """One fine-tune, kept in fp16 in its work folder (and as shipped, when it is)."""
+    policy = _half(train_cca(folder, ref, codes, cca_args, setup=stages.setup))
+    for dest in (folder, ship_as) if ship_as is not None else (folder,):
+        save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+
+
+def _codes_stage(stages: _Stages, name: str, tokenizer: torch.nn.Module, spec: dict[str, Any], path: Path
+                 ) -> CodeData:
+    """The training codes of a family: its tokenizer on the first ``num`` Shapes-1k images."""
+    if not stages.start(name, path.exists()):
+        return CodeData.load(path)
+    codes = extract_codes(tokenizer, spec["num"], spec["data_seed"])
+    codes.save(path)
+    stages.done(name)
+    return codes
 
 
 def cmd_train_all(args: argparse.Namespace) -> int:
@@ -370,12 +387,7 @@ def _train_llamagen(args: argparse.Namespace, out: Path, work: Path) -> None:
         stages.done("vq")
     else:
         vq = load_vq(out / "vq")
-    if stages.start("codes", (work / "codes.npz").exists()):
-        codes = extract_codes(vq, recipe["codes"]["num"], recipe["codes"]["data_seed"])
-        codes.save(work / "codes.npz")
-        stages.done("codes")
-    else:
-        codes = CodeData.load(work / "codes.npz")
+    codes = _codes_stage(stages, "codes", vq, recipe["codes"], work / "codes.npz")
     if stages.start("gpt", _done(work / "gpt") and _done(out / "gpt")):
         gpt = train_gpt(work / "gpt", codes, {**recipe["gpt_config"], "block_size": codes.seq_len},
                         GPTTrainArgs(**recipe["gpt"]), setup=stages.setup)
@@ -385,10 +397,8 @@ def _train_llamagen(args: argparse.Namespace, out: Path, work: Path) -> None:
         gpt = load_gpt(work / "gpt")  # fp32: the reference of every fine-tune
     _fine_tunes(stages, gpt, codes, work, out / "cca_gpt", args.baselines)
     if stages.start("cca_cfg", _done(work / "cca_cfg") and _done(out / "cca_cfg_gpt")):
-        cca_args = CCATrainArgs(loss="cca", **recipe["cca_cfg"])
-        policy = _half(train_cca(work / "cca_cfg", gpt, codes, cca_args, setup=stages.setup))
-        for dest in (work / "cca_cfg", out / "cca_cfg_gpt"):
-            save_pretrained(policy, dest, extra={"train": asdict(cca_args)})
+        _tune(stages, gpt, codes, work / "cca_cfg", CCATrainArgs(loss="cca", **recipe["cca_cfg"]),
+              out / "cca_cfg_gpt")
         stages.done("cca_cfg")
     if stages.start("evalnet", (out / "evalnet" / "model.safetensors").exists()):
         evaluate.train_evalnet(out / "evalnet", evaluate.EvalNetTrainArgs(**recipe["evalnet"]),
@@ -407,12 +417,7 @@ def _train_var(args: argparse.Namespace, out: Path, work: Path) -> None:
         stages.done("var_vae")
     else:
         vae = load_var_vae(out / "vae")
-    if stages.start("var_codes", (work / "codes.npz").exists()):
-        codes = extract_codes(vae, recipe["var_codes"]["num"], recipe["var_codes"]["data_seed"])
-        codes.save(work / "codes.npz")
-        stages.done("var_codes")
-    else:
-        codes = CodeData.load(work / "codes.npz")
+    codes = _codes_stage(stages, "var_codes", vae, recipe["var_codes"], work / "codes.npz")
     if stages.start("var", _done(work / "var") and _done(out / "var")):
         var = train_var(work / "var", vae, codes, recipe["var_config"], VARTrainArgs(**recipe["var"]),
                         setup=stages.setup)
