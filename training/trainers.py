@@ -176,13 +176,14 @@ def _load_square(path: Path, size: int) -> torch.Tensor:
 @torch.inference_mode()
 def _encode_views(vae: torch.nn.Module, files: Sequence[Path], flip: bool, batch_size: int) -> np.ndarray:
     """[n, A, L]: every scale's ids of each image (and of its mirror, with ``flip``)."""
+    family = family_for(vae)
     size = vae.config.image_size
     device = next(vae.parameters()).device
     views: list[torch.Tensor] = []
     for start in range(0, len(files), batch_size):
         batch = torch.stack([_load_square(f, size) for f in files[start : start + batch_size]]).to(device)
         variants = [batch, batch.flip(-1)] if flip else [batch]
-        views.append(torch.stack([torch.cat(vae.img_to_idx(v), dim=1).cpu() for v in variants], dim=1))
+        views.append(torch.stack([family.images_to_codes(v).cpu() for v in variants], dim=1))
     return torch.cat(views).numpy()
 
 
@@ -215,10 +216,13 @@ def extract_var_codes(vae: torch.nn.Module, images: str | Path, flip: bool = Tru
         if json.loads(meta_file.read_text()) != meta:
             raise ValueError(f"{folder} holds chunks of another extraction ({meta_file}); remove it or pass "
                              "another output")
+    def chunk_path(start: int) -> Path | None:
+        return folder / f"chunk_{start // chunk_size:06d}.npy" if folder is not None else None
+
     mine = [c for i, c in enumerate(chunks) if i % env.world_size == env.rank]
     encoded: dict[int, np.ndarray] = {}
     for start in tqdm(mine, desc="extract codes", unit="chunk", disable=not progress or not env.is_main):
-        path = folder / f"chunk_{start // chunk_size:06d}.npy" if folder is not None else None
+        path = chunk_path(start)
         if path is not None and path.exists():
             continue  # done before a stop
         codes = _encode_views(vae, files[start : start + chunk_size], flip, batch_size)
@@ -232,7 +236,7 @@ def extract_var_codes(vae: torch.nn.Module, images: str | Path, flip: bool = Tru
     if not env.is_main:
         return None
     if folder is not None:
-        encoded = {c: np.load(folder / f"chunk_{c // chunk_size:06d}.npy") for c in chunks}
+        encoded = {c: np.load(chunk_path(c)) for c in chunks}
     stacked = np.concatenate([encoded[c] for c in chunks])
     return CodeData(stacked[:, 0], np.asarray(labels), stacked if flip else None)
 
