@@ -244,7 +244,7 @@ VAR_RECIPE: dict[str, Any] = {
     "var_config": {},  # overrides of training.trainers.DEFAULT_VAR_CONFIG
     # the GPT's recipe (one epoch, beta 0.05); VAR-d16 in the paper trains without drop-path, as here
     "cca": {**RECIPE["cca"], "dropout": False},
-    "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05]],
+    "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
     "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
     "ckpt_every": 250,
     # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2 min, VAR 1.0 s per step of 64 (2

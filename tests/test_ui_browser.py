@@ -110,18 +110,20 @@ def test_api_docs_render_offline_and_root_leads_to_the_ui(tmp_path):
     engine.close()
 
 
-def test_ui_model_picker_runs_a_var_model(tmp_path):
-    """Two models behind one UI; picking the VAR one renders its four modes."""
-    from samplers import Pipeline
+def test_ui_model_picker_runs_the_shipped_var():
+    """What `ccaserve serve` puts behind one UI (the registry's served models: the default and the
+    small VAR); picking the VAR renders its four modes."""
+    from samplers import Pipeline, Registry
     from server.app import ModelServer, create_app
     from server.engine import Engine
     from tests.server_util import LiveServer
     from ui.app import mount_ui
 
     sync_api = browser_api()
-    engines = {"tiny": Engine(load_pipeline(write_tiny_models(tmp_path)), max_rows=8),
-               "tiny-var-random": Engine(Pipeline.from_registry("tiny-var-random"), max_rows=8)}
-    app = create_app(ModelServer(engines))
+    served = Registry().served
+    var_name = next(n for n in served if Registry().get(n).family == "var")
+    engines = {name: Engine(Pipeline.from_registry(name), max_rows=8) for name in served}
+    app = create_app(ModelServer(engines, default=served[0]))
     mount_ui(app, engines)
     with LiveServer(app) as server, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -132,7 +134,7 @@ def test_ui_model_picker_runs_a_var_model(tmp_path):
             page.goto(f"{server.url}/ui/", wait_until="networkidle", timeout=60000)
             picker = page.get_by_label("model")
             picker.click()
-            page.get_by_role("option", name="tiny-var-random").click()
+            page.get_by_role("option", name=var_name).click()
             page.wait_for_function("document.querySelector('#model-info').innerText.includes('var family')",
                                    timeout=30000)
             page.click("#generate-button")
@@ -143,6 +145,6 @@ def test_ui_model_picker_runs_a_var_model(tmp_path):
             page.screenshot(path=str(ARTIFACTS / "ui_var_model.png"), full_page=True)
         finally:
             browser.close()
-    assert engines["tiny-var-random"].stats.snapshot()["overall"]["images"] == 16
+    assert engines[var_name].stats.snapshot()["overall"]["images"] == 16
     for engine in engines.values():
         engine.close()
