@@ -247,8 +247,9 @@ VAR_RECIPE: dict[str, Any] = {
     "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
     "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
     "ckpt_every": 250,
-    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2 min, VAR 1.0 s per step of 64 (2
-    # threads, 58 min), a CCA step ~2.7x that (35 min per one-epoch fine-tune, run one at a time)
+    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2 min, VAR 1.07 s per step of 64 (2
+    # threads, 3757 s), a CCA step ~3.0 s (2339 s per one-epoch fine-tune); two fine-tunes side by
+    # side on one thread each are no faster (6.8-7.5 s per step each), so they run one at a time
     "threads": {"var_vae": 1, "var_codes": 1, "var": 2, "default": 2},
 }
 
