@@ -89,19 +89,22 @@ def test_shipped_evalnet_and_tokenizer_keep_the_class():
     assert feats.shape == (4, 128)
 
 
+def fixed_seed_accuracy(pipe: Pipeline, modes: tuple[str, ...]) -> dict[str, float]:
+    """Class accuracy per mode on 300 fixed seeds that no evaluation uses (the shipped evalnet)."""
+    from evaluation.evaluate import class_accuracy
+
+    net = load_evalnet(WEIGHTS_DIR / "shapes1k" / "evalnet")
+    labels = [(7 * i) % 1000 for i in range(300)]
+    seeds = [987_654 + i for i in range(300)]
+    return {mode: class_accuracy(net, pipe.sample_images(labels, mode, seeds), torch.tensor(labels))
+            for mode in modes}
+
+
 def test_shipped_models_show_the_effect():
     """On fixed seeds no evaluation used, the shipped models keep their measured order: guided and
     CCA samples are the right class clearly more often than guidance-free ones (docs/eval/default.md
     has the full numbers; this is a regression guard, 300 images per mode)."""
-    from evaluation.evaluate import class_accuracy
 
-    pipe = Pipeline.from_registry()
-    net = load_evalnet(WEIGHTS_DIR / "shapes1k" / "evalnet")
-    labels = [(7 * i) % 1000 for i in range(300)]
-    seeds = [987_654 + i for i in range(300)]
-    acc = {}
-    for mode in ("free", "cfg", "cca"):
-        images = pipe.sample_images(labels, mode, seeds)
-        acc[mode] = class_accuracy(net, images, torch.tensor(labels))
+    acc = fixed_seed_accuracy(Pipeline.from_registry(), ("free", "cfg", "cca"))
     assert acc["cfg"] >= acc["free"] + 0.05 and acc["cca"] >= acc["free"] + 0.05, acc
     assert acc["cfg"] >= 0.7, acc

@@ -11,6 +11,7 @@ from evaluation.evaluate import class_accuracy, load_evalnet
 from samplers import Pipeline, Registry
 from samplers.registry import WEIGHTS_DIR
 from tests.conftest import GOLDEN
+from tests.test_default_model import fixed_seed_accuracy
 from training import shapes
 
 NAME = "shapes1k-var"
@@ -67,12 +68,8 @@ def test_shipped_var_tokenizer_keeps_the_class(pipe):
 
 
 def test_shipped_var_shows_the_effect(pipe):
-    """A regression guard on seeds no evaluation used (docs/eval/default_var.md has the numbers):
+    """A regression guard on seeds no evaluation used (docs/eval/README.md has the numbers):
     CFG samples are the right class clearly more often than guidance-free ones; the CCA model's
     gain is real but small (measured here at cfg scale 3: free 0.683, cfg 0.787, cca 0.713)."""
-    net = load_evalnet(WEIGHTS_DIR / "shapes1k" / "evalnet")
-    labels = [(7 * i) % 1000 for i in range(300)]
-    seeds = [987_654 + i for i in range(300)]
-    acc = {mode: class_accuracy(net, pipe.sample_images(labels, mode, seeds), torch.tensor(labels))
-           for mode in ("free", "cfg", "cca")}
+    acc = fixed_seed_accuracy(pipe, ("free", "cfg", "cca"))
     assert acc["cfg"] >= acc["free"] + 0.08 and acc["cfg"] > acc["cca"] > acc["free"] + 0.01, acc

@@ -120,8 +120,9 @@ def test_ui_model_picker_runs_the_shipped_var():
     from ui.app import mount_ui
 
     sync_api = browser_api()
-    served = Registry().served
-    var_name = next(n for n in served if Registry().get(n).family == "var")
+    registry = Registry()
+    served = registry.served
+    var_name = next(n for n in served if registry.get(n).family == "var")
     engines = {name: Engine(Pipeline.from_registry(name), max_rows=8) for name in served}
     app = create_app(ModelServer(engines, default=served[0]))
     mount_ui(app, engines)
