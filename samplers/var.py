@@ -428,8 +428,11 @@ class VARDecoder:
         self.level_pos = None
         self.sample_fn = sample_scale  # tests swap it to force tokens
         self.compiled = compile
-        # compile=True (meant for CUDA): the trunk of a step under torch.compile with static shapes
-        self._trunk = torch.compile(self._trunk_eager, dynamic=False) if compile else self._trunk_eager
+        # compile=True (meant for CUDA): the trunk of a step under torch.compile with static shapes.
+        # The eager trunk is not stored as a bound method: that would be a reference cycle, and the
+        # KV cache of every finished decoder would wait for the cycle collector (an evaluation
+        # loop ran out of memory that way).
+        self._compiled_trunk = torch.compile(self._trunk_eager, dynamic=False) if compile else None
         for module in var.modules():
             if isinstance(module, Linear):
                 module.pack()
@@ -521,7 +524,8 @@ class VARDecoder:
             h = torch.stack(per_row)
         h = h + self.level_pos[:, start:end]
         if rows == list(range(rows[0], rows[0] + len(rows))):  # slots in a run: the cache is read as a view
-            logits = self._trunk(h, emb, block_mods, head_mods, rows[0], rows[0] + len(rows), start, end)
+            trunk = self._compiled_trunk or self._trunk_eager
+            logits = trunk(h, emb, block_mods, head_mods, rows[0], rows[0] + len(rows), start, end)
         else:
             row_index = torch.tensor(rows, device=var.device)
             for i, block in enumerate(var.blocks):

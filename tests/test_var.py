@@ -107,6 +107,24 @@ def test_unguided_modes_run_one_row_per_image(tiny):
         assert list(decoder.rows_log) == [rows] * 5
 
 
+def test_a_finished_decoder_frees_its_kv_cache_without_the_cycle_collector(tiny):
+    """An evaluation decodes thousands of batches, each with a new decoder; a reference cycle kept
+    every decoder's KV cache alive until the cycle collector ran, and the process ran out of memory."""
+    import gc
+    import weakref
+
+    _, var, _ = tiny
+    gc.disable()
+    try:
+        decoder = VARDecoder(var, 4)
+        run_decoder(decoder, [1, 2], [3, 4], SamplingOptions(cfg_scale=3.0, top_k=8))
+        cache = weakref.ref(decoder.k_cache[0])
+        del decoder
+        assert cache() is None
+    finally:
+        gc.enable()
+
+
 def test_seeded_images_do_not_depend_on_the_batch(tiny):
     vae, var, _ = tiny
     opts = {"cfg_scale": 3.0, "top_k": 20, "top_p": 0.9}
