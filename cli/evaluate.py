@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shipped = pipe.cca_gpt
     for variant in variants:
         loss, lam, beta, train_seed = parse_variant_name(variant.name)
-        model = load_var(variant, pipe.vq) if pipe.family.name == "var" else load_gpt(variant)
+        model = _load_tuned(variant, pipe)
         sweep = (f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
         label = f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
         meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed}
@@ -149,7 +149,7 @@ def cmd_contrast(args: argparse.Namespace) -> int:
         tuned["cca+cfg model"] = pipe.cca_cfg_gpt
     like = next(pipe.gpt.parameters())
     for path in args.also:
-        tuned[Path(path).name] = load_gpt(path).to(like.device, like.dtype)
+        tuned[Path(path).name] = _load_tuned(path, pipe).to(like.device, like.dtype)
     if args.codes:
         data = CodeData.load(args.codes)
         if args.n and args.n < len(data):
@@ -175,6 +175,11 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     paths = contrast.write_report(report, args.out, args.name, meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _load_tuned(path: str | Path, pipe: Any) -> torch.nn.Module:
+    """A fine-tune of the pipeline's base model, in its family's layout (VAR's needs the VQVAE)."""
+    return load_var(path, pipe.vq) if pipe.family.name == "var" else load_gpt(path)
 
 
 def _same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:
@@ -271,7 +276,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=2000, help="real images (Shapes-1k held-out, or the first N of --codes)")
     p.add_argument("--codes", default=None, help=".npz or LlamaGen code folder (default: tokenize held-out "
                    "Shapes-1k images, which also adds shape / colour / texture negatives)")
-    p.add_argument("--also", action="append", default=[], help="another fine-tuned GPT dir to compare (repeatable)")
+    p.add_argument("--also", action="append", default=[],
+                   help="another fine-tune of the model (GPT or VAR dir) to compare (repeatable)")
     p.add_argument("--cfg-scales", type=float_list, default=None,
                    help="CFG scales measured alongside, as the distribution CFG samples from (default: the model's)")
     p.add_argument("--batch-size", type=int, default=250)

@@ -10,6 +10,8 @@ an *effective guidance scale* ``1 + slope``, and comparing it across kinds of ne
 whether the fine-tune strengthened the whole conditional signal or only parts of it. CFG itself
 guides token by token, not at the sequence level, so it is measured the same way (the distribution
 CFG samples from, scored like any model: ``logprobs_by_class``) rather than assumed to give s.
+For VAR that distribution uses VAR's ramp: the scale at each token is the one its scale is
+sampled with (``samplers.var.scale_guidance``).
 
 Negatives: the classes CCA trains on, rolled within a shuffled batch (any model and code set,
 LlamaGen included), and on Shapes-1k classes that differ from the image's own in exactly one
@@ -27,17 +29,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from samplers.gpt import GPT
+from samplers.var import VAR, scale_guidance
 from training import shapes
-from training.losses import code_logprobs
+from training.losses import code_logprobs, teacher_inputs
 
 from .evaluate import attribute_targets
 
 CONTRAST_DATA_SEED = 9  # held-out Shapes-1k images (training uses seeds 0..2, evaluation 7 and 8)
 
 
+def guidance_by_position(model: torch.nn.Module, cfg_scale: float) -> torch.Tensor:
+    """The guidance scale each token is sampled with at CFG scale ``cfg_scale``: [T, 1], constant for
+    LlamaGen, VAR's linear ramp over the scales for VAR (what its sampler does by default)."""
+    config = model.config
+    if not isinstance(model, VAR):
+        return torch.full((config.block_size, 1), float(cfg_scale))
+    per_scale = torch.tensor([scale_guidance(cfg_scale, k, config.num_scales, "linear")
+                              for k in range(config.num_scales)])
+    return per_scale.repeat_interleave(torch.tensor([pn * pn for pn in config.patch_nums]))[:, None]
+
+
 @torch.no_grad()
-def logprobs_by_class(model: GPT, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
+def logprobs_by_class(model: torch.nn.Module, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
                       cfg_scales: Sequence[float] = (), batch_size: int = 250, desc: str | None = None,
                       ) -> tuple[dict[str, torch.Tensor], dict[float, dict[str, torch.Tensor]]]:
     """``log p(x | c)`` for each kind of class, and the log-probability of x under the distribution
@@ -51,16 +64,18 @@ def logprobs_by_class(model: GPT, codes: torch.Tensor, classes: Mapping[str, tor
     device = next(model.parameters()).device
     own: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
     guided: dict[float, dict[str, list[torch.Tensor]]] = {s: {kind: [] for kind in classes} for s in cfg_scales}
+    scale_at = {s: guidance_by_position(model, s).to(device) for s in cfg_scales}
     for i in tqdm(range(0, len(codes), batch_size), desc=desc, disable=desc is None, leave=False):
         x = codes[i:i + batch_size].to(device)
+        inputs = teacher_inputs(model, x)
         if cfg_scales:
             null = torch.full((len(x),), model.config.num_classes, dtype=torch.long, device=device)
-            uncond = model(null, x[:, :-1]).float()
+            uncond = model(null, inputs).float()
         for kind, cls in classes.items():
-            cond = model(cls[i:i + batch_size].to(device), x[:, :-1]).float()
+            cond = model(cls[i:i + batch_size].to(device), inputs).float()
             own[kind].append(code_logprobs(cond, x).sum(dim=1).cpu())
             for s in cfg_scales:
-                guided[s][kind].append(code_logprobs(uncond + s * (cond - uncond), x).sum(dim=1).cpu())
+                guided[s][kind].append(code_logprobs(uncond + scale_at[s] * (cond - uncond), x).sum(dim=1).cpu())
     return ({kind: torch.cat(v) for kind, v in own.items()},
             {s: {kind: torch.cat(v) for kind, v in by_kind.items()} for s, by_kind in guided.items()})
 
@@ -100,8 +115,9 @@ def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, float]:
             "corr": corr}
 
 
-def reward_contrast(ref: GPT, tuned: Mapping[str, GPT], codes: torch.Tensor, labels: torch.Tensor,
-                    negatives: Mapping[str, torch.Tensor], cfg_scales: Sequence[float] = (), batch_size: int = 250,
+def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], codes: torch.Tensor,
+                    labels: torch.Tensor, negatives: Mapping[str, torch.Tensor], cfg_scales: Sequence[float] = (),
+                    batch_size: int = 250,
                     progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """``{model name: {negative kind: contrast_stats}}`` over the rows whose negative differs from the
     label: one entry per fine-tuned model, then one ``cfg s=...`` entry per CFG scale (the distribution

@@ -7,6 +7,7 @@ import torch
 from cli import main
 from evaluation import contrast
 from evaluation.evaluate import attribute_targets
+from samplers import load_var, load_var_vae
 from samplers.registry import Registry
 from tests.conftest import TINY_GPT, random_gpt
 from training.losses import sequence_logprob
@@ -86,6 +87,43 @@ def test_guided_logprobs_are_the_distribution_cfg_samples_from():
     assert report["cfg s=1"]["other"]["slope"] == pytest.approx(0.0, abs=1e-5)
     dr = (guided[3.0]["own"] - own["own"]) - (guided[3.0]["other"] - own["other"])
     assert report["cfg s=3"]["other"]["reward_contrast_mean"] == pytest.approx(float(dr.mean()), rel=1e-4, abs=1e-4)
+
+
+def test_var_guided_logprobs_follow_vars_ramp():
+    """For VAR the distribution CFG samples from guides each scale with its own scale of the ramp
+    (1 at the first scale, s at the last), as the VAR sampler does."""
+    from samplers.var import scale_guidance
+    from tests.conftest import GOLDEN
+    from training.losses import teacher_inputs
+
+    vae = load_var_vae(GOLDEN / "var_tiny_vae.pt")
+    var = load_var(GOLDEN / "var_tiny_var.pt", vae).eval()
+    config = var.config
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, vae.config.vocab_size, (3, config.block_size), generator=gen)
+    labels = torch.tensor([1, 4, 7])
+    _, guided = contrast.logprobs_by_class(var, codes, {"own": labels}, cfg_scales=(3.0,), batch_size=2)
+    with torch.no_grad():
+        inputs = teacher_inputs(var, codes)
+        cond = var(labels, inputs)
+        uncond = var(torch.full_like(labels, config.null_class), inputs)
+    by_hand = torch.zeros(3)
+    for k, (start, pn) in enumerate(zip(config.scale_starts, config.patch_nums, strict=True)):
+        s = scale_guidance(3.0, k, config.num_scales, "linear")
+        at = slice(start, start + pn * pn)
+        logp = torch.log_softmax(uncond[:, at] + s * (cond[:, at] - uncond[:, at]), -1)
+        by_hand += logp.gather(-1, codes[:, at].unsqueeze(-1)).squeeze(-1).sum(1)
+    assert torch.allclose(guided[3.0]["own"], by_hand, atol=1e-3)
+    assert contrast.guidance_by_position(var, 3.0)[0].item() == 1.0  # the first scale is unguided
+
+
+def test_contrast_cli_on_the_small_var(tmp_path):
+    assert main(["contrast", "--model", "shapes1k-var", "--n", "24", "--out", str(tmp_path), "--name", "v",
+                 "--quiet"]) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    scale = Registry().get("shapes1k-var").default_cfg_scale
+    assert set(report["models"]) == {"cca", f"cfg s={scale:g}"}
+    assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
 
 
 def test_contrast_cli_on_the_default_model(tmp_path):
