@@ -168,8 +168,10 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     fine-tune and the eval's baselines; the shipped parts load as a pipeline that samples every mode,
     and the tokenizer's reconstructions go through the family's own encode/decode."""
     from cli import main
+    from cli.train import VAR_RECIPE
     from evaluation import evaluate
     from samplers.pipeline import Pipeline
+    from training.recipes import variant_name
 
     out, work = tmp_path / "shapes1k", tmp_path / "runs"
     assert main(["train", "all", "--quick", "--family", "var", "--baselines", "--out", str(out),
@@ -177,10 +179,13 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     assert not out.exists()  # the LlamaGen family's folders are not touched
     out_var, work_var = tmp_path / "shapes1k_var", tmp_path / "runs_var"
     assert {p.name for p in out_var.iterdir()} == {"vae", "var", "cca_var"}
-    assert {p.name for p in work_var.glob("*_lam*")} == {"cca_lam30_beta0.05", "cca_lam30_beta0.05_seed1",
-                                                         "dpo_lam30_beta0.05", "unlearn_lam30_beta0.05"}
+    lam, beta = VAR_RECIPE["cca"]["lam"], VAR_RECIPE["cca"]["beta"]
+    tuned = variant_name("cca", lam, beta, 0)  # the shipped setting: the quick recipe sweeps nothing else
+    assert {p.name for p in work_var.glob("*_lam*")} == {tuned, variant_name("cca", lam, beta, 1),
+                                                         variant_name("dpo", lam, beta, 0),
+                                                         variant_name("unlearn", lam, beta, 0)}
     shipped = out_var / "cca_var" / "model.safetensors"
-    assert shipped.read_bytes() == (work_var / "cca_lam30_beta0.05" / "model.safetensors").read_bytes()
+    assert shipped.read_bytes() == (work_var / tuned / "model.safetensors").read_bytes()
     vae = load_var_vae(out_var / "vae")
     pipe = Pipeline(load_var(out_var / "var", vae), vae, cca_gpt=load_var(out_var / "cca_var", vae))
     for mode in ("free", "cfg", "cca", "cca+cfg"):
@@ -191,7 +196,7 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     # --resume keeps every finished stage; --only runs the named one (a VAR stage: var_*)
     assert main(["train", "all", "--quick", "--family", "var", "--resume", "--out", str(out),
                  "--work", str(work)]) == 0
-    assert shipped.read_bytes() == (work_var / "cca_lam30_beta0.05" / "model.safetensors").read_bytes()
+    assert shipped.read_bytes() == (work_var / tuned / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="stage var_vae has no output"):
-        main(["train", "all", "--quick", "--only", "var_cca_lam30_beta0.05", "--out", str(tmp_path / "o2"),
+        main(["train", "all", "--quick", "--only", "var_" + tuned, "--out", str(tmp_path / "o2"),
               "--work", str(tmp_path / "w2")])
