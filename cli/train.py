@@ -243,7 +243,7 @@ VAR_RECIPE: dict[str, Any] = {
     "var": {"steps": 3500, "batch_size": 64, "lr": 2e-3},
     "var_config": {},  # overrides of training.trainers.DEFAULT_VAR_CONFIG
     # the GPT's recipe (one epoch, beta 0.05) but lambda 100: the lowest validation FID of the sweep
-    # below (11.71 against 11.91 at lambda 30, accuracy 0.755 against 0.737; docs/eval/default_var.md);
+    # below (11.71 against 11.90 at lambda 30, accuracy 0.755 against 0.737; docs/eval/default_var.md);
     # VAR-d16 in the paper trains without drop-path, as here
     "cca": {**RECIPE["cca"], "lam": 100.0, "dropout": False},
     "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],

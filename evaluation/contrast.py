@@ -46,7 +46,7 @@ def guidance_by_position(model: torch.nn.Module, cfg_scale: float) -> torch.Tens
         return torch.full((config.block_size, 1), float(cfg_scale))
     per_scale = torch.tensor([scale_guidance(cfg_scale, k, config.num_scales, "linear")
                               for k in range(config.num_scales)])
-    return per_scale.repeat_interleave(torch.tensor([pn * pn for pn in config.patch_nums]))[:, None]
+    return per_scale[model.lvl_1L[0].cpu()][:, None]  # lvl_1L: the scale of each position
 
 
 @torch.no_grad()
