@@ -271,6 +271,12 @@ def split_seed_base(split: str, seed_set: int = 0) -> int:
     return _SPLIT_BASE[split] + seed_set * _SEED_SET_STRIDE
 
 
+def share_of_cfg_gain(free: float, cfg: float, cca: float) -> float | None:
+    """How much of CFG's change over free sampling CCA reaches: (cca - free) / (cfg - free); None
+    when CFG changes nothing."""
+    return (cca - free) / (cfg - free) if cfg != free else None
+
+
 def balanced_labels(n: int, num_classes: int = shapes.NUM_CLASSES) -> list[int]:
     return [i % num_classes for i in range(n)]
 
@@ -408,13 +414,11 @@ def test_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for m in METRICS:
             if m in ("precision", "recall"):
                 continue
-            per_set = []
-            for k in seed_sets:
-                gain = by_mode["cfg"][k][m] - by_mode["free"][k][m]
-                if gain != 0:
-                    per_set.append((by_mode["cca"][k][m] - by_mode["free"][k][m]) / gain)
+            shares = (share_of_cfg_gain(*(by_mode[x][k][m] for x in ("free", "cfg", "cca"))) for k in seed_sets)
+            per_set = [v for v in shares if v is not None]
             free, cfg, cca = (modes[x][m]["mean"] for x in ("free", "cfg", "cca"))
-            closing[m] = {"of_means": round((cca - free) / (cfg - free), 4) if cfg != free else None,
+            of_means = share_of_cfg_gain(free, cfg, cca)
+            closing[m] = {"of_means": None if of_means is None else round(of_means, 4),
                           "cfg_gain": round(cfg - free, 4),
                           **(_mean_std(per_set) if per_set else {})}
         out["cca_closes_of_cfg_gain"] = closing

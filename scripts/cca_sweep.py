@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ from safetensors.torch import save_file
 
 from cli.train import RECIPE, VAR_RECIPE
 from evaluation import evaluate
-from samplers.family import family_for
 from samplers.pipeline import Pipeline
 from samplers.registry import Registry
-from training import shapes
-from training.trainers import CCATrainArgs, CodeData, RunSetup, train_cca
+from training.trainers import CCATrainArgs, CodeData, RunSetup, extract_codes, train_cca
 
 # (family, name, code data seeds, overrides of the shipped recipe), in order of priority
 PLAN: list[tuple[str, str, list[int], dict[str, Any]]] = [
@@ -59,27 +56,6 @@ CFG_SCALE = {"llamagen": 2.0, "var": 3.0}  # the scales the shipped evaluations 
 KEYS = ("fid", "is", "accuracy", "shape_accuracy", "colour_accuracy", "texture_accuracy")
 
 
-def _render(job: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.set_num_threads(1)
-    seed, start, stop = job
-    return shapes.make_batch(seed, range(start, stop))
-
-
-def extract_parallel(tokenizer: torch.nn.Module, data_seed: int, num: int = 50000, chunk: int = 2500) -> CodeData:
-    """``extract_codes`` with the images rendered by a process per core (rendering is the slow part
-    on a machine whose GPU encodes in no time)."""
-    family = family_for(tokenizer.eval())
-    device = next(tokenizer.parameters()).device
-    jobs = [(data_seed, s, min(num, s + chunk)) for s in range(0, num, chunk)]
-    codes, labels = [], []
-    with mp.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
-        for images, lab in pool.imap(_render, jobs):
-            with torch.no_grad():
-                codes.append(family.images_to_codes(images.to(device)).cpu())
-            labels.append(lab)
-    return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
-
-
 def load_codes(family: str, seeds: list[int], codes_dir: Path, tokenizer: torch.nn.Module) -> CodeData:
     """The shipped codes (data seed 0) and extra data seeds, from files when there, else extracted
     here and written for the next setting."""
@@ -89,14 +65,15 @@ def load_codes(family: str, seeds: list[int], codes_dir: Path, tokenizer: torch.
         if not path.exists():
             start = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
-            extract_parallel(tokenizer, s).save(path)
+            extract_codes(tokenizer, 50000, data_seed=s, progress=False, workers=os.cpu_count() or 1).save(path)
             print(f"extracted {path} in {time.perf_counter() - start:.0f} s", flush=True)
         parts.append(np.load(path))
     return CodeData(np.concatenate([p["codes"] for p in parts]), np.concatenate([p["labels"] for p in parts]))
 
 
 def closes(free: dict[str, float], cfg: dict[str, float], cca: dict[str, float]) -> dict[str, float]:
-    return {k: round((cca[k] - free[k]) / (cfg[k] - free[k]), 3) for k in KEYS if cfg[k] != free[k]}
+    shares = {k: evaluate.share_of_cfg_gain(free[k], cfg[k], cca[k]) for k in KEYS}
+    return {k: round(v, 3) for k, v in shares.items() if v is not None}
 
 
 def main() -> None:

@@ -94,6 +94,16 @@ def test_extract_codes_from_an_image_folder(tiny, tmp_path):
         extract_var_codes(vae, tmp_path / "imgs", progress=False, parts=tmp_path / "parts", chunk_size=2)
 
 
+def test_extract_codes_rendered_in_worker_processes_equals_one_process():
+    from samplers.registry import Registry
+    from training.trainers import extract_codes
+
+    vae = Registry().get("shapes1k-var").load_part("vq", "cpu")  # the shipped VQVAE: Shapes-1k's 32 px
+    one = extract_codes(vae, 40, batch_size=10, progress=False)
+    two = extract_codes(vae, 40, batch_size=10, progress=False, workers=2)
+    assert torch.equal(one.codes, two.codes) and torch.equal(one.labels, two.labels)
+
+
 def test_extract_codes_on_two_ranks_equals_one_process(tiny, tmp_path):
     vae, _ = tiny
     save_pretrained(vae, tmp_path / "vae")

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -394,17 +395,32 @@ def vq_reconstruction_quality(vq: VQModel, n: int = 1000, data_seed: int = 1000)
             "codebook_used": len(used), "codebook_size": vq.config.codebook_size, "images": n}
 
 
+def _render_batch(job: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    data_seed, start, stop = job
+    return shapes.make_batch(data_seed, range(start, stop))
+
+
 @torch.no_grad()
 def extract_codes(tokenizer: VQModel | VARVAE, num_images: int, data_seed: int = 0, batch_size: int = 250,
-                  progress: bool = True) -> CodeData:
+                  progress: bool = True, workers: int = 1) -> CodeData:
     """Tokenize the first ``num_images`` Shapes-1k images of ``data_seed``: LlamaGen's VQ codes, or
-    VAR's multi-scale codes (every scale's ids concatenated, coarse to fine)."""
+    VAR's multi-scale codes (every scale's ids concatenated, coarse to fine). ``workers`` > 1
+    renders the images in that many processes (the slow part when a GPU encodes); each image
+    depends only on (data_seed, index), so the codes are the same."""
     family = family_for(tokenizer.eval())
+    device = next(tokenizer.parameters()).device
+    jobs = [(data_seed, start, min(num_images, start + batch_size)) for start in range(0, num_images, batch_size)]
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=torch.set_num_threads,
+                                                     initargs=(1,)) if workers > 1 else None
+    batches = pool.imap(_render_batch, jobs) if pool is not None else map(_render_batch, jobs)
     codes, labels = [], []
-    for start in tqdm(range(0, num_images, batch_size), desc="extract codes", disable=not progress):
-        images, lab = shapes.make_batch(data_seed, range(start, min(num_images, start + batch_size)))
-        codes.append(family.images_to_codes(images).cpu())
-        labels.append(lab)
+    try:
+        for images, lab in tqdm(batches, total=len(jobs), desc="extract codes", disable=not progress):
+            codes.append(family.images_to_codes(images.to(device)).cpu())
+            labels.append(lab)
+    finally:
+        if pool is not None:
+            pool.close()
     return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
 
