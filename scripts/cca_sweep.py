@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -67,8 +66,8 @@ def load_codes(family: str, seeds: list[int], codes_dir: Path, tokenizer: torch.
             path.parent.mkdir(parents=True, exist_ok=True)
             extract_codes(tokenizer, 50000, data_seed=s, progress=False, workers=os.cpu_count() or 1).save(path)
             print(f"extracted {path} in {time.perf_counter() - start:.0f} s", flush=True)
-        parts.append(np.load(path))
-    return CodeData(np.concatenate([p["codes"] for p in parts]), np.concatenate([p["labels"] for p in parts]))
+        parts.append(CodeData.load(path))
+    return CodeData.concat(parts)
 
 
 def closes(free: dict[str, float], cfg: dict[str, float], cca: dict[str, float]) -> dict[str, float]:

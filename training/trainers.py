@@ -104,6 +104,13 @@ class CodeData:
         stacked = np.stack(views)  # [N, A, T]
         return cls(stacked[:, 0], labels, stacked if stacked.shape[1] > 1 else None)
 
+    @classmethod
+    def concat(cls, parts: Sequence[CodeData]) -> CodeData:
+        """Several code sets as one, in order (e.g. images of several data seeds)."""
+        if any(p.augmentations is not None for p in parts):
+            raise ValueError("concat keeps one view per image: these code sets hold stored augmentations")
+        return cls(np.concatenate([p.codes.numpy() for p in parts]), np.concatenate([p.labels.numpy() for p in parts]))
+
     def save(self, path: str | Path) -> None:
         small = np.int16 if self.codes.max() < 32768 else np.int32
         extra = {} if self.augmentations is None else {"augmentations": self.augmentations.numpy().astype(small)}
@@ -562,17 +569,26 @@ class GPTTrainArgs:
 
 
 def train_gpt(out_dir: str | Path | None, data: CodeData, config: dict[str, Any] | None = None,
-              args: GPTTrainArgs | None = None, progress: bool = True, setup: RunSetup | None = None) -> GPT | None:
+              args: GPTTrainArgs | None = None, progress: bool = True, setup: RunSetup | None = None,
+              init: GPT | None = None) -> GPT | None:
     """Next-token training with class dropout: a share ``class_dropout`` of rows gets the null
     class, which is what makes classifier-free guidance possible later. Runs under torchrun
-    (see ``RunSetup``); returns the model on rank 0, None elsewhere."""
+    (see ``RunSetup``); returns the model on rank 0, None elsewhere.
+
+    ``init``: continue from these weights (an fp32 copy; ``config`` is then ignored) instead of a
+    fresh model, e.g. a second stage on fresh images with a new warm-up and cosine."""
     args = args or GPTTrainArgs()
     torch.manual_seed(args.seed)
-    config = {**DEFAULT_GPT_CONFIG, **(config or {})}
-    if config["block_size"] != data.seq_len:
-        raise ValueError(f"model block_size {config['block_size']} != code length {data.seq_len}")
-    gpt = build_gpt(config)
-    gpt.init_weights()
+    if init is not None:
+        gpt = copy.deepcopy(init).float().requires_grad_(True)
+        if gpt.config.block_size != data.seq_len:
+            raise ValueError(f"init model block_size {gpt.config.block_size} != code length {data.seq_len}")
+    else:
+        config = {**DEFAULT_GPT_CONFIG, **(config or {})}
+        if config["block_size"] != data.seq_len:
+            raise ValueError(f"model block_size {config['block_size']} != code length {data.seq_len}")
+        gpt = build_gpt(config)
+        gpt.init_weights()
     gpt.train()
     null = gpt.config.null_class
     gen = torch.Generator().manual_seed(args.seed + 1)
