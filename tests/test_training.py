@@ -89,6 +89,24 @@ def test_gpt_training_reduces_loss(tmp_path):
     assert torch.equal(sequence_logprob(again, c, x), sequence_logprob(gpt, c, x))
 
 
+def test_gpt_training_continues_from_init_weights():
+    """``init`` starts from a trained model (a second base stage), leaving that model untouched:
+    the first step's loss is the init model's loss, and the run goes on lowering it."""
+    data = _tiny_codes()
+    config = {k: v for k, v in TINY_GPT.items() if "dropout" not in k}
+    first = train_gpt(None, data, config, GPTTrainArgs(steps=30, batch_size=32, lr=3e-3), progress=False)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    fresh = train_gpt(None, data, config, GPTTrainArgs(steps=1, batch_size=32, lr=1e-9, seed=5), progress=False)
+    cont = train_gpt(None, data, args=GPTTrainArgs(steps=1, batch_size=32, lr=1e-9, seed=5), progress=False,
+                     init=first)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in before.items())  # init not trained in place
+    c, x = data.labels[:16], data.codes[:16]
+    assert torch.allclose(sequence_logprob(cont, c, x), sequence_logprob(first, c, x), atol=1e-3)
+    assert not torch.allclose(sequence_logprob(fresh, c, x), sequence_logprob(first, c, x), atol=1)
+    with pytest.raises(ValueError, match="block_size"):
+        train_gpt(None, CodeData(data.codes[:, :4].numpy(), data.labels.numpy()), init=first, progress=False)
+
+
 def test_cca_training_separates_positive_from_negative(tmp_path):
     data = _tiny_codes()
     ref = random_gpt(0)
@@ -222,6 +240,11 @@ def test_train_all_quick_then_eval(tmp_path):
     assert main(["train", "all", "--quick", "--baselines", "--out", str(out), "--work", str(work)]) == 0
     for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt", "evalnet"):
         assert (out / part / "model.safetensors").exists() and (out / part / "config.json").exists()
+    # the base trains in two stages, the second on fresh images of other data seeds; it is shipped
+    assert len(CodeData.load(work / "codes_more.npz")) == 100 and (work / "gpt" / "model.safetensors").exists()
+    second = load_gpt(work / "gpt_more")
+    shipped = load_gpt(out / "gpt").state_dict()
+    assert all(torch.equal(v.half().float(), shipped[k]) for k, v in second.state_dict().items())
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
     assert {p.name for p in work.glob("*_lam*")} == {"cca_lam30_beta0.05", "cca_lam30_beta0.05_seed1",
                                                      "cca_lam30_beta0.1", "dpo_lam30_beta0.05",
