@@ -90,8 +90,8 @@ def test_gpt_training_reduces_loss(tmp_path):
 
 
 def test_gpt_training_continues_from_init_weights():
-    """``init`` starts from a trained model (a second base stage), leaving that model untouched:
-    the first step's loss is the init model's loss, and the run goes on lowering it."""
+    """``init`` starts from a trained model (a second base stage), leaving that model untouched: a
+    step at a negligible lr gives back the init model's likelihoods, not a fresh model's."""
     data = _tiny_codes()
     config = {k: v for k, v in TINY_GPT.items() if "dropout" not in k}
     first = train_gpt(None, data, config, GPTTrainArgs(steps=30, batch_size=32, lr=3e-3), progress=False)
