@@ -581,14 +581,11 @@ def train_gpt(out_dir: str | Path | None, data: CodeData, config: dict[str, Any]
     torch.manual_seed(args.seed)
     if init is not None:
         gpt = copy.deepcopy(init).float().requires_grad_(True)
-        if gpt.config.block_size != data.seq_len:
-            raise ValueError(f"init model block_size {gpt.config.block_size} != code length {data.seq_len}")
     else:
-        config = {**DEFAULT_GPT_CONFIG, **(config or {})}
-        if config["block_size"] != data.seq_len:
-            raise ValueError(f"model block_size {config['block_size']} != code length {data.seq_len}")
-        gpt = build_gpt(config)
+        gpt = build_gpt({**DEFAULT_GPT_CONFIG, **(config or {})})
         gpt.init_weights()
+    if gpt.config.block_size != data.seq_len:
+        raise ValueError(f"model block_size {gpt.config.block_size} != code length {data.seq_len}")
     gpt.train()
     null = gpt.config.null_class
     gen = torch.Generator().manual_seed(args.seed + 1)
