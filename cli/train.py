@@ -244,18 +244,24 @@ def _done(folder: Path) -> bool:
 VAR_RECIPE: dict[str, Any] = {
     "var_vae": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "pool_size": 16000},
     "var_codes": {"num": 50000, "data_seed": 0},
-    # 130 tokens per image (scales 1, 2, 3, 4, 6, 8) against the GPT's 64: fewer steps for the same time
+    # 130 tokens per image (scales 1, 2, 3, 4, 6, 8) against the GPT's 64: fewer steps for the same time.
+    # The VAR trains on 200k images (data seeds 0-3, about one pass): on the 50k of seed 0 alone (4.5
+    # passes) it overfit, 1.30 nats/token on them against 1.43 on fresh images; on 200k: 1.36 and 1.39,
+    # and every mode samples better (docs/eval/README.md). The fine-tunes keep the 50k of seed 0, as
+    # the LlamaGen default's do.
+    "var_codes_more": {"num": 50000, "data_seeds": [1, 2, 3]},
     "var": {"steps": 3500, "batch_size": 64, "lr": 2e-3},
     "var_config": {},  # overrides of training.trainers.DEFAULT_VAR_CONFIG
     # the GPT's recipe (one epoch, beta 0.05) but lambda 100: the lowest validation FID of the sweep
-    # below (11.71 against 11.90 at lambda 30, accuracy 0.755 against 0.737; docs/eval/default_var.md);
-    # VAR-d16 in the paper trains without drop-path, as here
+    # on the first, 50k-image base (11.71 against 11.90 at lambda 30, accuracy 0.755 against 0.737;
+    # docs/eval/default_var_base1.md), kept for this base (not re-swept); VAR-d16 in the paper trains
+    # without drop-path, as here
     "cca": {**RECIPE["cca"], "lam": 100.0, "dropout": False},
     "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
     "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
     "ckpt_every": 250,
-    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2 min, VAR 1.07 s per step of 64 (2
-    # threads, 3757 s), a CCA step ~3.0 s (2339 s per one-epoch fine-tune); two fine-tunes side by
+    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images, VAR 1.08 s per
+    # step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch fine-tune); two fine-tunes side by
     # side on one thread each are no faster (6.8-7.5 s per step each), so they run one at a time
     "threads": {"var_vae": 1, "var_codes": 1, "var": 2, "default": 2},
 }
@@ -276,7 +282,8 @@ def _quick(recipe: dict[str, Any], family: str) -> dict[str, Any]:
         recipe["cca_cfg"].update(max_steps=3, batch_size=16)
     else:
         recipe.update(var_vae={"steps": 10, "batch_size": 8, "lr": 2e-3, "pool_size": 100},
-                      var_codes={"num": 200, "data_seed": 0}, var={"steps": 6, "batch_size": 16, "lr": 2e-3},
+                      var_codes={"num": 200, "data_seed": 0}, var_codes_more={"num": 50, "data_seeds": [1]},
+                      var={"steps": 6, "batch_size": 16, "lr": 2e-3},
                       var_config={"depth": 2, "embed_dim": 64, "num_heads": 4}, sweep=[])
     recipe["cca"].update(max_steps=3, batch_size=16)
     recipe["training_noise"] = [{"lam": recipe["cca"]["lam"], "beta": recipe["cca"]["beta"], "seed": 1}]
@@ -431,16 +438,18 @@ def _train_llamagen(args: argparse.Namespace, out: Path, work: Path) -> None:
 def _train_var(args: argparse.Namespace, out: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     recipe = _quick(VAR_RECIPE, "var") if args.quick else json.loads(json.dumps(VAR_RECIPE))
-    stages = _Stages(args, recipe, ("var_vae", "var_codes", "var"), f"{out} / {work}", prefix="var_")
+    stages = _Stages(args, recipe, ("var_vae", "var_codes", "var_codes_more", "var"), f"{out} / {work}",
+                     prefix="var_")
     if stages.start("var_vae", _done(out / "vae")):
         vae = train_var_vae(out / "vae", args=VARVAETrainArgs(**recipe["var_vae"]))
         stages.done("var_vae")
     else:
         vae = load_var_vae(out / "vae")
     codes = _codes_stage(stages, "var_codes", vae, recipe["var_codes"], work / "codes.npz")
+    more = _codes_stage(stages, "var_codes_more", vae, recipe["var_codes_more"], work / "codes_more.npz")
     if stages.start("var", _done(work / "var") and _done(out / "var")):
-        var = train_var(work / "var", vae, codes, recipe["var_config"], VARTrainArgs(**recipe["var"]),
-                        setup=stages.setup)
+        var = train_var(work / "var", vae, CodeData.concat([codes, more]), recipe["var_config"],
+                        VARTrainArgs(**recipe["var"]), setup=stages.setup)
         save_pretrained(_half(copy.deepcopy(var)), out / "var", extra={"train": recipe["var"]})
         stages.done("var")
     else:
@@ -588,9 +597,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="run only these stages (comma-separated: vq, codes, gpt, codes_more, gpt_more, "
                         "cca_lam30_beta0.05, cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet; the "
-                        "VAR family's: "
-                        "var_vae, var_codes, var, var_cca_lam30_beta0.05, ...); the ones they build on must "
-                        "exist. Lets stages run side by side")
+                        "VAR family's: var_vae, var_codes, var_codes_more, var, var_cca_lam100_beta0.05, ...); "
+                        "the ones they build on must exist. Lets stages run side by side")
     p.add_argument("--baselines", action="store_true",
                    help="also the lambda sweep, a retrained-seed copy, DPO and unlearning models that `ccaserve eval` "
                         "compares (about 26 min each on one core; run two side by side with --only)")

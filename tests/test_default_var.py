@@ -70,6 +70,8 @@ def test_shipped_var_tokenizer_keeps_the_class(pipe):
 def test_shipped_var_shows_the_effect(pipe):
     """A regression guard on seeds no evaluation used (docs/eval/README.md has the numbers):
     CFG samples are the right class clearly more often than guidance-free ones; the CCA model's
-    gain is real but smaller (measured here at cfg scale 3: free 0.683, cfg 0.787, cca 0.753)."""
+    gain is real but smaller (measured here at the default cfg scale 2.5: free 0.783, cfg 0.860, cca
+    0.813; the first base, trained on 50k images, at scale 3: 0.683, 0.787, 0.753)."""
     acc = fixed_seed_accuracy(pipe, ("free", "cfg", "cca"))
-    assert acc["cfg"] >= acc["free"] + 0.08 and acc["cfg"] > acc["cca"] > acc["free"] + 0.01, acc
+    assert acc["cfg"] >= acc["free"] + 0.05 and acc["cfg"] > acc["cca"] > acc["free"] + 0.01, acc
+    assert acc["cfg"] >= 0.8, acc

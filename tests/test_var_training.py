@@ -11,7 +11,7 @@ from samplers import load_var, load_var_vae, save_pretrained
 from tests.conftest import GOLDEN
 from tests.test_distributed import _ccaserve, _run, _torchrun
 from training.losses import contrastive_pairs, preference_loss, sequence_logprob, teacher_inputs
-from training.trainers import CCATrainArgs, CodeData, extract_var_codes, train_cca
+from training.trainers import CCATrainArgs, CodeData, extract_codes, extract_var_codes, train_cca
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     fine-tune and the eval's baselines; the shipped parts load as a pipeline that samples every mode,
     and the tokenizer's reconstructions go through the family's own encode/decode."""
     from cli import main
-    from cli.train import VAR_RECIPE
+    from cli.train import VAR_RECIPE, _quick
     from evaluation import evaluate
     from samplers.pipeline import Pipeline
     from training.recipes import variant_name
@@ -189,6 +189,13 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     assert not out.exists()  # the LlamaGen family's folders are not touched
     out_var, work_var = tmp_path / "shapes1k_var", tmp_path / "runs_var"
     assert {p.name for p in out_var.iterdir()} == {"vae", "var", "cca_var"}
+    # the VAR trains on the fine-tunes' codes (data seed 0) and fresh images of other data seeds
+    quick = _quick(VAR_RECIPE, "var")
+    codes, more = CodeData.load(work_var / "codes.npz"), CodeData.load(work_var / "codes_more.npz")
+    assert len(codes.labels) == quick["var_codes"]["num"]
+    fresh = extract_codes(load_var_vae(out_var / "vae"), quick["var_codes_more"]["num"],
+                          quick["var_codes_more"]["data_seeds"][0], progress=False)
+    assert torch.equal(more.codes, fresh.codes) and torch.equal(more.labels, fresh.labels)
     lam, beta = VAR_RECIPE["cca"]["lam"], VAR_RECIPE["cca"]["beta"]
     tuned = variant_name("cca", lam, beta, 0)  # the shipped setting: the quick recipe sweeps nothing else
     assert {p.name for p in work_var.glob("*_lam*")} == {tuned, variant_name("cca", lam, beta, 1),
