@@ -190,7 +190,7 @@ def cmd_train_evalnet(args: argparse.Namespace) -> int:
 # Stage times on 2 cores are in docs/eval/README.md; every stage stays under 75 minutes.
 RECIPE: dict[str, Any] = {
     "vq": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "pool_size": 16000},
-    "codes": {"num": 50000, "data_seed": 0},
+    "codes": {"num": 50000, "data_seeds": [0]},
     # 3M parameters (6 layers, dim 192): the largest GPT whose training and CCA epochs fit the 3-hour
     # CPU budget; see docs/eval/README.md. Stage 1: 5000 steps of 64 on the 50k images (35 min)
     "gpt": {"steps": 5000, "batch_size": 64, "lr": 2e-3},
@@ -243,7 +243,7 @@ def _done(folder: Path) -> bool:
 # transformer on the same Shapes-1k images; its own budget (2 hours on 2 cores, docs/eval/default_var.md)
 VAR_RECIPE: dict[str, Any] = {
     "var_vae": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "pool_size": 16000},
-    "var_codes": {"num": 50000, "data_seed": 0},
+    "var_codes": {"num": 50000, "data_seeds": [0]},
     # 130 tokens per image (scales 1, 2, 3, 4, 6, 8) against the GPT's 64: fewer steps for the same time.
     # The VAR trains on 200k images (data seeds 0-3, about one pass): on the 50k of seed 0 alone (4.5
     # passes) it overfit, 1.30 nats/token on them against 1.43 on fresh images; on 200k: 1.36 and 1.39,
@@ -260,10 +260,11 @@ VAR_RECIPE: dict[str, Any] = {
     "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
     "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
     "ckpt_every": 250,
-    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images, VAR 1.08 s per
-    # step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch fine-tune); two fine-tunes side by
-    # side on one thread each are no faster (6.8-7.5 s per step each), so they run one at a time
-    "threads": {"var_vae": 1, "var_codes": 1, "var": 2, "default": 2},
+    # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images (1 thread), VAR
+    # 1.08 s per step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch
+    # fine-tune); two fine-tunes side by side on one thread each are no faster (6.8-7.5 s per step
+    # each), so they run one at a time
+    "threads": {"var_vae": 1, "var_codes": 1, "var_codes_more": 1, "var": 2, "default": 2},
 }
 
 FAMILIES = ("llamagen", "var")
@@ -274,7 +275,7 @@ def _quick(recipe: dict[str, Any], family: str) -> dict[str, Any]:
     recipe = json.loads(json.dumps(recipe))
     if family == "llamagen":
         recipe.update(vq={"steps": 20, "batch_size": 8, "lr": 2e-3, "pool_size": 200},
-                      codes={"num": 400, "data_seed": 0}, gpt={"steps": 10, "batch_size": 16, "lr": 2e-3},
+                      codes={"num": 400, "data_seeds": [0]}, gpt={"steps": 10, "batch_size": 16, "lr": 2e-3},
                       codes_more={"num": 100, "data_seeds": [1]},
                       gpt_more={"steps": 6, "batch_size": 16, "lr": 1e-3, "seed": 10},
                       evalnet={"steps": 10, "pool_size": 100}, sweep=[[30.0, 0.1]],
@@ -282,7 +283,7 @@ def _quick(recipe: dict[str, Any], family: str) -> dict[str, Any]:
         recipe["cca_cfg"].update(max_steps=3, batch_size=16)
     else:
         recipe.update(var_vae={"steps": 10, "batch_size": 8, "lr": 2e-3, "pool_size": 100},
-                      var_codes={"num": 200, "data_seed": 0}, var_codes_more={"num": 50, "data_seeds": [1]},
+                      var_codes={"num": 200, "data_seeds": [0]}, var_codes_more={"num": 50, "data_seeds": [1]},
                       var={"steps": 6, "batch_size": 16, "lr": 2e-3},
                       var_config={"depth": 2, "embed_dim": 64, "num_heads": 4}, sweep=[])
     recipe["cca"].update(max_steps=3, batch_size=16)
@@ -369,11 +370,10 @@ def _tune(stages: _Stages, ref: torch.nn.Module, codes: CodeData, folder: Path, 
 def _codes_stage(stages: _Stages, name: str, tokenizer: torch.nn.Module, spec: dict[str, Any], path: Path
                  ) -> CodeData:
     """The training codes of a family: its tokenizer on the first ``num`` Shapes-1k images of each
-    data seed (``data_seed`` or ``data_seeds``), in order."""
+    data seed in ``data_seeds``, in order."""
     if not stages.start(name, path.exists()):
         return CodeData.load(path)
-    seeds = spec["data_seeds"] if "data_seeds" in spec else [spec["data_seed"]]
-    codes = CodeData.concat([extract_codes(tokenizer, spec["num"], seed) for seed in seeds])
+    codes = CodeData.concat([extract_codes(tokenizer, spec["num"], seed) for seed in spec["data_seeds"]])
     codes.save(path)
     stages.done(name)
     return codes
