@@ -36,22 +36,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sweep, DPO, unlearning); the CFG and cca+cfg scales with the lowest validation FID are picked.
     Test: free, cfg and cca+cfg at the picked scales and the shipped cca, each over --test-repeats
     independent seed sets, reported as mean and std, with the share of CFG's gain that CCA closes."""
+    if args.add_to:
+        return cmd_eval_add(args)
     pipe = pipeline_from_args(args)
-    if args.evalnet:
-        net_path = Path(args.evalnet)
-    else:
-        entry = Registry().get(args.model)
-        net_path = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
-    if not (net_path / "config.json").exists():
-        raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
-    net = evaluate.load_evalnet(net_path)
+    net = _evalnet(args)
     ref = evaluate.reference_stats(net, args.n_ref, progress=not args.quiet)
     opts = sampling_options(args)
     entries: list[dict[str, Any]] = []
 
     def run(split: str, mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, seed_set: int = 0,
-            n: int = args.n, **meta: Any) -> dict[str, Any]:
+            n: int | None = args.n, **meta: Any) -> dict[str, Any]:
         scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
+        n = args.n_val if n is None else n
         seed_base = evaluate.split_seed_base(split, seed_set)
         e = evaluate.evaluate_mode(pipe, net, ref, mode, n, seed_base=seed_base, progress=not args.quiet,
                                    **opts, **scale)
@@ -89,55 +85,106 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run("test", "cfg", "cfg (chosen scale)", "base", cfg_scale=best_cfg, seed_set=rep)
         run("test", "cca", "cca (shipped)", "cca", seed_set=rep)
         run("test", "cca+cfg", "cca+cfg (chosen scale)", cca_cfg_label, cfg_scale=best_cca_cfg, seed_set=rep)
-    work = Path(args.work) if args.work else None
-    # the fine-tunes of the sweep, scored on the validation seeds (after the test split: they only
-    # inform the choice of the shipped lambda, which `train all` makes)
-    variants = sorted((p for p in work.glob("*_lam*_beta*") if (p / "model.safetensors").exists()),
-                      key=lambda p: parse_variant_name(p.name)) \
-        if work is not None and work.exists() else []
+    _score_fine_tunes(run, pipe, args.work, entries)
+    report = {"model": pipe.name, "n": args.n, "n_val": args.n_val, "n_ref": args.n_ref,
+              "reference_seed": ref.seed, "splits": evaluate.SPLITS, "real": real,
+              "vq_reconstruction": recon, "options": opts, "chosen_on_validation": chosen,
+              "test": evaluate.test_summary([e for e in entries if e["split"] == "test"]), "entries": entries,
+              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve " + " ".join(args.argv)}
+    _write_report(report, Path(args.out), args.name)
+    print(evaluate.summary_markdown(report["test"]))
+    return 0
+
+
+def _evalnet(args: argparse.Namespace) -> evaluate.EvalNet:
+    """--evalnet, or the registry model's own evaluation network."""
+    if args.evalnet:
+        net_path = Path(args.evalnet)
+    else:
+        entry = Registry().get(args.model)
+        net_path = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
+    if not (net_path / "config.json").exists():
+        raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
+    return evaluate.load_evalnet(net_path)
+
+
+def _score_fine_tunes(run: Any, pipe: Any, work: str | None, entries: list[dict[str, Any]]) -> None:
+    """The fine-tunes in ``work`` (the lambda sweep, retrained-seed copies, DPO, unlearning) on the
+    validation seeds, each as the pipeline's cca model; those ``entries`` already hold are skipped.
+    After the test split: they only inform the choice of the shipped lambda, which `train all` makes."""
+    folder = Path(work) if work else None
+    variants = sorted((p for p in folder.glob("*_lam*_beta*") if (p / "model.safetensors").exists()),
+                      key=lambda p: parse_variant_name(p.name)) if folder is not None and folder.exists() else []
     shipped = pipe.cca_gpt
+    scored = {e["model"] for e in entries if e["split"] == "validation"}
     for variant in variants:
         loss, lam, beta, train_seed = parse_variant_name(variant.name)
-        model = _load_tuned(variant, pipe)
         sweep = (f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
         label = f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
+        if label in scored:
+            continue
+        model = _load_tuned(variant, pipe)
         meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed}
         if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
-            first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == val)
+            first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == "validation")
             entries.append({**first, "sweep": sweep, "model": label, **meta,
                             "setting": evaluate.settings_label({"sweep": sweep, **meta})})
             continue
         pipe.models["cca"] = model
-        run(val, "cca", sweep, label, n=args.n_val, **meta)
+        run("validation", "cca", sweep, label, n=None, **meta)
     pipe.models["cca"] = shipped
-    test_rows = [e for e in entries if e["split"] == "test"]
+
+
+def _write_report(report: dict[str, Any], out: Path, name: str) -> None:
+    """The sweep's pick and the training noise from the entries, then NAME.json, .md and the FID-IS plot."""
+    entries = report["entries"]
     lambda_rows = [e for e in entries if e["sweep"].startswith("lambda (cca")]
     best_row = min(lambda_rows, key=lambda e: e["fid"]) if lambda_rows else {}
-    chosen["lambda_by_validation_fid"] = best_row.get("lambda")
-    chosen["beta_by_validation_fid"] = best_row.get("beta")
-    summary = evaluate.test_summary(test_rows)
+    report["chosen_on_validation"]["lambda_by_validation_fid"] = best_row.get("lambda")
+    report["chosen_on_validation"]["beta_by_validation_fid"] = best_row.get("beta")
     reseeded = [e for e in entries if e["sweep"] == "training seed (cca)"]
     reseeded_settings = {(r["lambda"], r["beta"]) for r in reseeded}
     training_seed = [e for e in lambda_rows if (e["lambda"], e["beta"]) in reseeded_settings] + reseeded
-    report = {"model": pipe.name, "n": args.n, "n_val": args.n_val, "n_ref": args.n_ref,
-              "reference_seed": ref.seed, "splits": evaluate.SPLITS, "real": real,
-              "vq_reconstruction": recon, "options": opts, "chosen_on_validation": chosen,
-              "test": summary, "entries": entries,
-              "noise": {"what": "std over the test seed sets of each mode's metrics (in 'test'); training "
-                                "noise: a fine-tune of the sweep retrained with other data-order seeds, "
-                                "scored on the validation seeds",
-                        "training_seed_fid": [{"model": e["model"], "fid": e["fid"], "accuracy": e["accuracy"]}
-                                              for e in training_seed]},
-              "date": time.strftime("%Y-%m-%d"), "command": "ccaserve " + " ".join(args.argv)}
-    out = Path(args.out)
+    report["noise"] = {"what": "std over the test seed sets of each mode's metrics (in 'test'); training noise: a "
+                               "fine-tune of the sweep retrained with other data-order seeds, scored on the "
+                               "validation seeds",
+                       "training_seed_fid": [{"model": e["model"], "fid": e["fid"], "accuracy": e["accuracy"]}
+                                             for e in training_seed]}
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{name}.md").write_text(_eval_markdown(report))
-    evaluate.plot_fid_is([e for e in entries if e["split"] == val], out / f"{name}_fid_is.png",
-                         title=f"{pipe.name}: CFG scale sweep vs CCA lambda sweep (validation seeds)")
-    print(evaluate.summary_markdown(summary))
+    evaluate.plot_fid_is([e for e in entries if e["split"] == "validation"], out / f"{name}_fid_is.png",
+                         title=f"{report['model']}: CFG scale sweep vs CCA lambda sweep (validation seeds)")
     print(f"wrote {out / (name + '.json')}, {name}.md, {name}_fid_is.png")
+
+
+def cmd_eval_add(args: argparse.Namespace) -> int:
+    """``eval --add-to REPORT.json``: score the fine-tunes in --work that the report lacks, on its
+    validation seeds with its settings, and rewrite it. Its test split is kept as it is."""
+    path = Path(args.add_to)
+    report = json.loads(path.read_text())
+    pipe = pipeline_from_args(args)
+    opts = sampling_options(args)
+    if report["model"] != pipe.name or report["options"] != opts:
+        raise ValueError(f"{path} scores {report['model']} with {report['options']}; this run would score "
+                         f"{pipe.name} with {opts}: give the report's --model and sampling flags")
+    net = _evalnet(args)
+    ref = evaluate.reference_stats(net, report["n_ref"], seed=report["reference_seed"], progress=not args.quiet)
+    entries = report["entries"]
+    before = len(entries)
+
+    def run(split: str, mode: str, sweep: str, model_label: str, n: int | None = None, **meta: Any) -> None:
+        e = evaluate.evaluate_mode(pipe, net, ref, mode, report["n_val"], seed_base=evaluate.split_seed_base(split),
+                                   progress=not args.quiet, **opts)
+        entries.append(evaluate.finish_entry(e, split=split, seed_set=0, sweep=sweep, model=model_label, **meta))
+        print(f"[{split}] {mode} {model_label}: fid {e['fid']:.3f} is {e['is']:.2f} acc {e['accuracy']:.3f}",
+              flush=True)
+
+    _score_fine_tunes(run, pipe, args.work, entries)
+    report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
+                                           "command": "ccaserve " + " ".join(args.argv),
+                                           "models": [e["model"] for e in entries[before:]]})
+    _write_report(report, path.parent, path.stem)
     return 0
 
 
@@ -267,6 +314,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="docs/eval")
     p.add_argument("--name", default="default", help="output file stem")
+    p.add_argument("--add-to", default=None, metavar="REPORT.json",
+                   help="only score the fine-tunes in --work that this earlier report lacks, on its validation "
+                        "seeds and settings, and rewrite it (json, md, plot); its test split is kept")
     add_sampling_args(p, guidance=False)
     add_model_args(p)
     p.set_defaults(func=cmd_eval)

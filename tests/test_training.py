@@ -291,6 +291,21 @@ def test_train_all_quick_then_eval(tmp_path):
     md = (ev / "default.md").read_text()
     assert "Test split" in md and "cca closes" in md and (ev / "default_fid_is.png").stat().st_size > 1000
 
+    # --add-to scores only the fine-tunes a report lacks, with its seeds and settings: the rows it
+    # adds are the ones the full evaluation wrote, and the test split is left as it was
+    model_args = ["--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--cca-cfg-ckpt",
+                  str(out / "cca_cfg_gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
+                  "--work", str(work), "--quiet", "--device", "cpu"]
+    dropped = [e for e in report["entries"] if e["sweep"] in ("dpo", "unlearn")]
+    (ev / "default.json").write_text(json.dumps({**report, "entries": [e for e in report["entries"]
+                                                                       if e not in dropped]}))
+    assert main(["eval", "--add-to", str(ev / "default.json"), *model_args]) == 0
+    added = json.loads((ev / "default.json").read_text())
+    assert added["entries"][-2:] == [{**e, "sample_seconds": a["sample_seconds"]}
+                                     for e, a in zip(dropped, added["entries"][-2:], strict=True)]
+    assert added["test"] == report["test"] and added["added"][0]["models"] == [e["model"] for e in dropped]
+    assert main(["eval", "--add-to", str(ev / "default.json"), *model_args, "--temperature", "0.5"]) == 2
+
 
 def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
     """A stopped `train all` picks up inside a stage from its last checkpoint and ends with the
