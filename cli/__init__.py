@@ -22,6 +22,7 @@ import torch
 from samplers.checkpoint import CheckpointError
 
 from .bench import add_bench_command
+from .common import keep_freed_memory
 from .evaluate import add_eval_commands
 from .sample import add_sample_commands
 from .train import add_train_commands
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    keep_freed_memory()
     try:
         return args.func(args)
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import sys
 from typing import Any
 
 import torch
@@ -11,6 +13,24 @@ from samplers.pipeline import Pipeline
 from samplers.registry import Registry
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel.
+
+    A training step on CPU frees and reallocates the same large activations every time; with glibc's
+    defaults each comes back as fresh pages that the kernel faults in and zeroes. Measured on the
+    2-core machine: a VAR CCA step took 6.0 s with a third of the CPU time in the kernel, 4.6 s with
+    these settings. Allocation only: no effect on any result. False where it does not apply."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all([mallopt(m_mmap_threshold, 32 << 20),  # glibc's largest: blocks below it reuse the heap
+                mallopt(m_trim_threshold, 1 << 30), mallopt(m_top_pad, 256 << 20)])
 
 
 def int_list(text: str) -> list[int]:

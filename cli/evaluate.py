@@ -260,6 +260,9 @@ def _eval_markdown(report: dict[str, Any]) -> str:
         lines += ["Training noise (one fine-tune of the sweep retrained with other data-order seeds; validation "
                   "seeds): "
                   + ", ".join(f"{s['model']}: FID {s['fid']:.2f}, accuracy {s['accuracy']:.3f}" for s in seeds), ""]
+    for added in report.get("added", []):
+        lines += [f"Validation rows added later ({added['date']}), by `{added['command']}`: "
+                  + (", ".join(added["models"]) or "none") + ".", ""]
     lines += ["## Validation split: every setting", "",
               evaluate.markdown_table([e for e in report["entries"] if e["split"] == "validation"]), ""]
     return "\n".join(lines)

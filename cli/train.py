@@ -257,13 +257,17 @@ VAR_RECIPE: dict[str, Any] = {
     # docs/eval/default_var_base1.md), kept for this base (not re-swept); VAR-d16 in the paper trains
     # without drop-path, as here
     "cca": {**RECIPE["cca"], "lam": 100.0, "dropout": False},
-    "sweep": [[10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
+    # the first (50k-image) base was swept over lambda 30 / 100 at beta 0.05 and beta 0.02 at lambda 30
+    # (docs/eval/default_var_base1.md); this base over lambda 100 / 1000 (the paper's VAR-d30 value):
+    # validation FID 5.98 / 6.35, accuracy 0.811 / 0.777 (docs/eval/default_var.md)
+    "sweep": [[100.0, 0.05], [1000.0, 0.05]],
     "training_noise": [{"lam": 30.0, "beta": 0.05, "seed": 1}],
     "ckpt_every": 250,
     # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images (1 thread), VAR
     # 1.08 s per step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch
-    # fine-tune); two fine-tunes side by side on one thread each are no faster (6.8-7.5 s per step
-    # each), so they run one at a time
+    # fine-tune; 4.6-5.0 s on the 2-core machine of 2026-12-01 with keep_freed_memory, 6.3 s without);
+    # two fine-tunes side by side on one thread each are no faster (6.8-7.5 s per step each), so they
+    # run one at a time
     "threads": {"var_vae": 1, "var_codes": 1, "var_codes_more": 1, "var": 2, "default": 2},
 }
 
