@@ -206,7 +206,9 @@ RECIPE: dict[str, Any] = {
             "lr": 3e-5},
     # (lambda, beta) pairs `--baselines` trains for the eval's sweep: lambda at beta 0.1 and 0.05,
     # beta at lambda 30
-    "sweep": [[3.0, 0.1], [10.0, 0.1], [30.0, 0.1], [10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02]],
+    # (lambda 300 at beta 0.05 and lambda 100 at beta 0.03 were added on the two-stage base)
+    "sweep": [[3.0, 0.1], [10.0, 0.1], [30.0, 0.1], [10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02],
+              [300.0, 0.05], [100.0, 0.03]],
     # training noise: fine-tunes of the sweep retrained with other data orders
     "training_noise": [{"lam": 10.0, "beta": 0.1, "seed": 1}, {"lam": 30.0, "beta": 0.05, "seed": 1}],
     # the model the cca+cfg mode guides: the paper tunes it apart, with lambda 1 and beta 0.1
