@@ -206,7 +206,7 @@ RECIPE: dict[str, Any] = {
             "lr": 3e-5},
     # (lambda, beta) pairs `--baselines` trains for the eval's sweep: lambda at beta 0.1 and 0.05,
     # beta at lambda 30
-    # (lambda 300 at beta 0.05 and lambda 100 at beta 0.03 were added on the two-stage base)
+    # (lambda 300 at beta 0.05 and lambda 100 at beta 0.03: added for the two-stage base, docs/eval/README.md)
     "sweep": [[3.0, 0.1], [10.0, 0.1], [30.0, 0.1], [10.0, 0.05], [30.0, 0.05], [100.0, 0.05], [30.0, 0.02],
               [300.0, 0.05], [100.0, 0.03]],
     # training noise: fine-tunes of the sweep retrained with other data orders

@@ -380,3 +380,14 @@ def test_ten_crop_code_folders_draw_a_random_stored_augmentation(tmp_path):
             assert row == [row[0]] * t and label == image % 3  # one whole stored view, its own label
             seen[image].add(view)
     assert all(len(views) >= 8 for views in seen.values())  # ~40 draws each over 10 views
+
+
+def test_keep_freed_memory_applies_on_glibc_linux():
+    """The CLI's allocator settings take (mallopt accepts every value) where glibc is the C library."""
+    import platform
+    import sys
+
+    from cli.common import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
