@@ -43,21 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ref = evaluate.reference_stats(net, args.n_ref, progress=not args.quiet)
     opts = sampling_options(args)
     entries: list[dict[str, Any]] = []
-
-    def run(split: str, mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, seed_set: int = 0,
-            n: int | None = args.n, **meta: Any) -> dict[str, Any]:
-        scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
-        n = args.n_val if n is None else n
-        seed_base = evaluate.split_seed_base(split, seed_set)
-        e = evaluate.evaluate_mode(pipe, net, ref, mode, n, seed_base=seed_base, progress=not args.quiet,
-                                   **opts, **scale)
-        e = evaluate.finish_entry(e, split=split, seed_set=seed_set, sweep=sweep, model=model_label, **meta)
-        print(f"[{split} {seed_set}] {mode:8s} {model_label:18s} {e['setting']:8s} fid {e['fid']:8.3f}  "
-              f"is {e['is']:7.2f}  acc {e['accuracy']:.3f} (shape {e['shape_accuracy']:.3f} colour "
-              f"{e['colour_accuracy']:.3f} texture {e['texture_accuracy']:.3f})  ({e['sample_seconds']:.0f}s)",
-              flush=True)
-        entries.append(e)
-        return e
+    run = _runner(pipe, net, ref, opts, entries, n=args.n, n_val=args.n_val, quiet=args.quiet)
 
     real = evaluate.real_data_metrics(net, ref, args.n)
     print(f"real images: fid {real['fid']:.3f} is {real['is']:.2f} acc {real['accuracy']:.3f} "
@@ -94,6 +80,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _write_report(report, Path(args.out), args.name)
     print(evaluate.summary_markdown(report["test"]))
     return 0
+
+
+def _runner(pipe: Any, net: evaluate.EvalNet, ref: Any, opts: dict[str, Any], entries: list[dict[str, Any]],
+            n: int, n_val: int, quiet: bool) -> Any:
+    """The one way eval scores a setting: sample a mode on a split's seeds, score it, print a line and
+    append the entry. ``n`` samples by default; ``n=None`` in a call means the validation size."""
+
+    def run(split: str, mode: str, sweep: str, model_label: str, cfg_scale: float | None = None, seed_set: int = 0,
+            n: int | None = n, **meta: Any) -> dict[str, Any]:
+        scale = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
+        e = evaluate.evaluate_mode(pipe, net, ref, mode, n_val if n is None else n,
+                                   seed_base=evaluate.split_seed_base(split, seed_set), progress=not quiet,
+                                   **opts, **scale)
+        e = evaluate.finish_entry(e, split=split, seed_set=seed_set, sweep=sweep, model=model_label, **meta)
+        print(f"[{split} {seed_set}] {mode:8s} {model_label:18s} {e['setting']:8s} fid {e['fid']:8.3f}  "
+              f"is {e['is']:7.2f}  acc {e['accuracy']:.3f} (shape {e['shape_accuracy']:.3f} colour "
+              f"{e['colour_accuracy']:.3f} texture {e['texture_accuracy']:.3f})  ({e['sample_seconds']:.0f}s)",
+              flush=True)
+        entries.append(e)
+        return e
+
+    return run
 
 
 def _evalnet(args: argparse.Namespace) -> evaluate.EvalNet:
@@ -173,13 +181,7 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     entries = report["entries"]
     before = len(entries)
 
-    def run(split: str, mode: str, sweep: str, model_label: str, n: int | None = None, **meta: Any) -> None:
-        e = evaluate.evaluate_mode(pipe, net, ref, mode, report["n_val"], seed_base=evaluate.split_seed_base(split),
-                                   progress=not args.quiet, **opts)
-        entries.append(evaluate.finish_entry(e, split=split, seed_set=0, sweep=sweep, model=model_label, **meta))
-        print(f"[{split}] {mode} {model_label}: fid {e['fid']:.3f} is {e['is']:.2f} acc {e['accuracy']:.3f}",
-              flush=True)
-
+    run = _runner(pipe, net, ref, opts, entries, n=report["n_val"], n_val=report["n_val"], quiet=args.quiet)
     _score_fine_tunes(run, pipe, args.work, entries)
     report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
                                            "command": "ccaserve " + " ".join(args.argv),
