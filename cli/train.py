@@ -418,8 +418,10 @@ def _train_llamagen(args: argparse.Namespace, out: Path, work: Path) -> None:
         gpt = train_gpt(work / "gpt", codes, {**recipe["gpt_config"], "block_size": codes.seq_len},
                         GPTTrainArgs(**recipe["gpt"]), setup=stages.setup)
         stages.done("gpt")
-    more = _codes_stage(stages, "codes_more", vq, recipe["codes_more"], work / "codes_more.npz")
-    if stages.start("gpt_more", _done(work / "gpt_more") and _done(out / "gpt")):
+    # the fresh images feed only the second base stage: a kept base (--resume) does not need them
+    kept = args.resume and _done(work / "gpt_more") and _done(out / "gpt")
+    more = None if kept else _codes_stage(stages, "codes_more", vq, recipe["codes_more"], work / "codes_more.npz")
+    if stages.start("gpt_more", kept):
         gpt = train_gpt(work / "gpt_more", CodeData.concat([codes, more]), args=GPTTrainArgs(**recipe["gpt_more"]),
                         setup=stages.setup, init=gpt if gpt is not None else load_gpt(work / "gpt"))
         save_pretrained(_half(copy.deepcopy(gpt)), out / "gpt",
@@ -452,8 +454,11 @@ def _train_var(args: argparse.Namespace, out: Path, work: Path) -> None:
     else:
         vae = load_var_vae(out / "vae")
     codes = _codes_stage(stages, "var_codes", vae, recipe["var_codes"], work / "codes.npz")
-    more = _codes_stage(stages, "var_codes_more", vae, recipe["var_codes_more"], work / "codes_more.npz")
-    if stages.start("var", _done(work / "var") and _done(out / "var")):
+    # the fresh images feed only the base VAR's training: a kept base (--resume) does not need them
+    kept = args.resume and _done(work / "var") and _done(out / "var")
+    more = None if kept else _codes_stage(stages, "var_codes_more", vae, recipe["var_codes_more"],
+                                          work / "codes_more.npz")
+    if stages.start("var", kept):
         var = train_var(work / "var", vae, CodeData.concat([codes, more]), recipe["var_config"],
                         VARTrainArgs(**recipe["var"]), setup=stages.setup)
         save_pretrained(_half(copy.deepcopy(var)), out / "var", extra={"train": recipe["var"]})

@@ -351,8 +351,10 @@ def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
                  "--work", str(stopped / "work")]) == 0
     # one stage run on its own (as stages run side by side) gives what the whole run gave
     (stopped / "out" / "cca_cfg_gpt" / "model.safetensors").unlink()
+    (stopped / "work" / "codes_more.npz").unlink()  # the fresh images: only the kept second base stage used them
     assert main(["train", "all", "--quick", "--resume", "--only", "cca_cfg", "--out", str(stopped / "out"),
                  "--work", str(stopped / "work")]) == 0
+    assert not (stopped / "work" / "codes_more.npz").exists()
     for part in ("vq", "gpt", "cca_gpt", "cca_cfg_gpt"):
         a = (whole / "out" / part / "model.safetensors").read_bytes()
         b = (stopped / "out" / part / "model.safetensors").read_bytes()

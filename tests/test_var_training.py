@@ -1,5 +1,7 @@
 """CCA for VAR: the paper's loss on VAR's own log-likelihoods, a few steps that learn, checkpoints in
 VAR's layout, and 2 gloo ranks equal to one process accumulating the same micro-batches."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -214,6 +216,14 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     assert main(["train", "all", "--quick", "--family", "var", "--resume", "--out", str(out),
                  "--work", str(work)]) == 0
     assert shipped.read_bytes() == (work_var / tuned / "model.safetensors").read_bytes()
+    # a fine-tune redone on a kept base needs the fine-tunes' codes, not the base's fresh images
+    dpo = work_var / variant_name("dpo", lam, beta, 0)
+    dpo_bytes = (dpo / "model.safetensors").read_bytes()
+    shutil.rmtree(dpo)
+    (work_var / "codes_more.npz").unlink()
+    assert main(["train", "all", "--quick", "--family", "var", "--resume", "--baselines", "--only",
+                 "var_" + dpo.name, "--out", str(out), "--work", str(work)]) == 0
+    assert (dpo / "model.safetensors").read_bytes() == dpo_bytes and not (work_var / "codes_more.npz").exists()
     with pytest.raises(SystemExit, match="stage var_vae has no output"):
         main(["train", "all", "--quick", "--only", "var_" + tuned, "--out", str(tmp_path / "o2"),
               "--work", str(tmp_path / "w2")])
