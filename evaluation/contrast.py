@@ -119,9 +119,9 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
                     labels: torch.Tensor, negatives: Mapping[str, torch.Tensor], cfg_scales: Sequence[float] = (),
                     batch_size: int = 250,
                     progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """``{model name: {negative kind: contrast_stats}}`` over the rows whose negative differs from the
-    label: one entry per fine-tuned model, then one ``cfg s=...`` entry per CFG scale (the distribution
-    CFG samples from, scored like a fine-tune)."""
+    """``{model name: {negative kind: contrast_stats + the mean reward of each side}}`` over the rows
+    whose negative differs from the label: one entry per fine-tuned model, then one ``cfg s=...`` entry
+    per CFG scale (the distribution CFG samples from, scored like a fine-tune)."""
     if codes.ndim != 2 or len(codes) != len(labels):
         raise ValueError(f"expected codes [N, T] and labels [N], got {tuple(codes.shape)} and {tuple(labels.shape)}")
     for name, neg in negatives.items():
@@ -142,18 +142,22 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
             keep = neg != labels  # a "negative" of the image's own class has no contrast
             dg = (base["own"] - base[kind])[keep]
             dr = (reward["own"] - reward[kind])[keep]
-            report[name][kind] = contrast_stats(dg, dr)
+            # which side moved: a fine-tune can open the same contrast by raising the right class's
+            # likelihood or by lowering the wrong one's (the first moves samples toward the class)
+            report[name][kind] = {**contrast_stats(dg, dr), "reward_own_mean": float(reward["own"][keep].mean()),
+                                  "reward_neg_mean": float(reward[kind][keep].mean())}
     return report
 
 
 def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     lines = ["| model | negatives | n | base contrast dg (mean / median, nats) | reward contrast dr (mean) | "
-             "slope dr/dg | effective scale | corr |", "|---|---|---|---|---|---|---|---|"]
+             "r(x,c) / r(x,c') (mean) | slope dr/dg | effective scale | corr |", "|---" * 9 + "|"]
     for name, kinds in report.items():
         for kind, s in kinds.items():
             dg = f"{s['base_contrast_mean']:.1f} / {s['base_contrast_median']:.1f}"
-            lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {s['slope']:.2f} "
-                         f"| {s['effective_scale']:.2f} | {s['corr']:.2f} |")
+            sides = (f"{s['reward_own_mean']:.1f} / {s['reward_neg_mean']:.1f}" if "reward_own_mean" in s else "")
+            lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {sides} "
+                         f"| {s['slope']:.2f} | {s['effective_scale']:.2f} | {s['corr']:.2f} |")
     return "\n".join(lines)
 
 

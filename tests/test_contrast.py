@@ -54,6 +54,8 @@ def test_reward_contrast_is_the_reward_difference():
     got = report["tuned"]["next"]
     assert got["reward_contrast_mean"] == pytest.approx(float((r_own - r_neg).mean()), rel=1e-4, abs=1e-4)
     assert got["base_contrast_mean"] == pytest.approx(float(dg.mean()), rel=1e-4, abs=1e-4)
+    assert got["reward_own_mean"] == pytest.approx(float(r_own.mean()), rel=1e-4, abs=1e-4)
+    assert got["reward_neg_mean"] == pytest.approx(float(r_neg.mean()), rel=1e-4, abs=1e-4)
     assert report["same"]["next"]["slope"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="negatives 'bad'"):
         contrast.reward_contrast(ref, {"t": tuned}, codes, labels, {"bad": labels[:3]}, progress=False)
