@@ -267,7 +267,8 @@ VAR_RECIPE: dict[str, Any] = {
     "ckpt_every": 250,
     # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images (1 thread), VAR
     # 1.08 s per step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch
-    # fine-tune; 4.6-5.0 s on the 2-core machine of 2026-12-01 with keep_freed_memory, 6.3 s without);
+    # fine-tune; 4.6-5.0 s on the 2-core machine of 2026-12-01 with keep_freed_memory, 6.3 s without;
+    # DPO / unlearning 3880 / 3976 s there on 2026-12-02);
     # two fine-tunes side by side on one thread each are no faster (6.8-7.5 s per step each), so they
     # run one at a time
     "threads": {"var_vae": 1, "var_codes": 1, "var_codes_more": 1, "var": 2, "default": 2},
