@@ -141,11 +141,11 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
         for kind, neg in negatives.items():
             keep = neg != labels  # a "negative" of the image's own class has no contrast
             dg = (base["own"] - base[kind])[keep]
-            dr = (reward["own"] - reward[kind])[keep]
-            # which side moved: a fine-tune can open the same contrast by raising the right class's
-            # likelihood or by lowering the wrong one's (the first moves samples toward the class)
-            report[name][kind] = {**contrast_stats(dg, dr), "reward_own_mean": float(reward["own"][keep].mean()),
-                                  "reward_neg_mean": float(reward[kind][keep].mean())}
+            r_own, r_neg = reward["own"][keep], reward[kind][keep]
+            # which side moved: the same contrast can come from raising the right class's likelihood
+            # or from lowering the wrong one's
+            report[name][kind] = {**contrast_stats(dg, r_own - r_neg), "reward_own_mean": float(r_own.mean()),
+                                  "reward_neg_mean": float(r_neg.mean())}
     return report
 
 
@@ -155,7 +155,7 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
     for name, kinds in report.items():
         for kind, s in kinds.items():
             dg = f"{s['base_contrast_mean']:.1f} / {s['base_contrast_median']:.1f}"
-            sides = (f"{s['reward_own_mean']:.1f} / {s['reward_neg_mean']:.1f}" if "reward_own_mean" in s else "")
+            sides = f"{s['reward_own_mean']:.1f} / {s['reward_neg_mean']:.1f}"
             lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {sides} "
                          f"| {s['slope']:.2f} | {s['effective_scale']:.2f} | {s['corr']:.2f} |")
     return "\n".join(lines)
