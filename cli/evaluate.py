@@ -121,18 +121,28 @@ def _score_fine_tunes(run: Any, pipe: Any, work: str | None, entries: list[dict[
     validation seeds, each as the pipeline's cca model; those ``entries`` already hold are skipped.
     After the test split: they only inform the choice of the shipped lambda, which `train all` makes."""
     folder = Path(work) if work else None
+    def order(path: Path) -> tuple[Any, ...]:  # no hard-negative attribute sorts first
+        *rest, within = parse_variant_name(path.name)
+        return (*rest, within or "")
+
     variants = sorted((p for p in folder.glob("*_lam*_beta*") if (p / "model.safetensors").exists()),
-                      key=lambda p: parse_variant_name(p.name)) if folder is not None and folder.exists() else []
+                      key=order) if folder is not None and folder.exists() else []
     shipped = pipe.cca_gpt
     scored = {e["model"] for e in entries if e["split"] == "validation"}
     for variant in variants:
-        loss, lam, beta, train_seed = parse_variant_name(variant.name)
-        sweep = (f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)") if loss == "cca" else loss
-        label = f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
+        loss, lam, beta, train_seed, within = parse_variant_name(variant.name)
+        if loss != "cca":
+            sweep = loss
+        elif within:
+            sweep = "hard negatives (cca)"
+        else:
+            sweep = f"lambda (cca, β={beta:g})" if train_seed == 0 else "training seed (cca)"
+        label = (f"{loss} λ={lam:g} β={beta:g}" + (f" seed={train_seed}" if train_seed else "")
+                 + (f" within {within}" if within else ""))
         if label in scored:
             continue
         model = _load_tuned(variant, pipe)
-        meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed}
+        meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed, "negatives_within": within}
         if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
             first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == "validation")
             entries.append({**first, "sweep": sweep, "model": label, **meta,

@@ -115,7 +115,7 @@ def cmd_train_gpt(args: argparse.Namespace) -> int:
 
 
 _RECIPE_FLAGS = ("lam", "beta", "uncond_ratio", "lr", "epochs", "batch_size", "dropout", "lr_schedule",
-                 "weight_decay", "accumulate")
+                 "weight_decay", "accumulate", "negatives_within")
 
 
 def _preset_of(model: torch.nn.Module) -> str | None:
@@ -211,6 +211,9 @@ RECIPE: dict[str, Any] = {
               [300.0, 0.05], [100.0, 0.03]],
     # training noise: fine-tunes of the sweep retrained with other data orders
     "training_noise": [{"lam": 10.0, "beta": 0.1, "seed": 1}, {"lam": 30.0, "beta": 0.05, "seed": 1}],
+    # hard negatives: the shipped setting with each micro-batch's labels rolled within colour groups
+    # (`CCATrainArgs.negatives_within`; docs/eval/README.md)
+    "hard_negatives": [{"lam": 30.0, "beta": 0.05, "within": "colour"}],
     # the model the cca+cfg mode guides: the paper tunes it apart, with lambda 1 and beta 0.1
     "cca_cfg": {**cca_recipe("toy", None, "cca+cfg"), "epochs": 1.0, "batch_size": 64, "lr": 3e-5},
     "evalnet": {"steps": 1500, "pool_size": 20000},
@@ -266,6 +269,8 @@ VAR_RECIPE: dict[str, Any] = {
     # training noise: the shipped setting retrained with another data order (validation FID 5.99,
     # accuracy 0.798 against the shipped 5.98 / 0.811; docs/eval/default_var.md)
     "training_noise": [{"lam": 100.0, "beta": 0.05, "seed": 1}],
+    # hard negatives: the shipped setting with labels rolled within colour groups (docs/eval/README.md)
+    "hard_negatives": [{"lam": 100.0, "beta": 0.05, "within": "colour"}],
     "ckpt_every": 250,
     # measured on 2 cores: var-vae ~10 min (1 thread), codes ~2.5 min per 50k images (1 thread), VAR
     # 1.08 s per step of 64 (2 threads, 3795 s), a CCA step ~3.0 s (2339-2456 s per one-epoch
@@ -324,7 +329,7 @@ class _Stages:
                 raise SystemExit(f"error: --only {self.args.only}: stage {name} has no output in {self.where} yet")
             return False
         threads = self.recipe["threads"]
-        torch.set_num_threads(threads.get(name, threads["default"]))
+        torch.set_num_threads(self.args.threads or threads.get(name, threads["default"]))
         self.times[name] = time.time()
         return True
 
@@ -345,9 +350,10 @@ def _variants(recipe: dict[str, Any], baselines: bool) -> list[tuple[str, float,
     shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
     if not baselines:
         return [("cca", *shipped, 0)]
-    variants = [("cca", lam, beta, 0) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
-    variants += [("cca", n["lam"], n["beta"], n["seed"]) for n in recipe["training_noise"]]
-    return variants + [("dpo", *shipped, 0), ("unlearn", *shipped, 0)]
+    variants = [("cca", lam, beta, 0, None) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
+    variants += [("cca", n["lam"], n["beta"], n["seed"], None) for n in recipe["training_noise"]]
+    variants += [("cca", n["lam"], n["beta"], 0, n["within"]) for n in recipe.get("hard_negatives", [])]
+    return variants + [("dpo", *shipped, 0, None), ("unlearn", *shipped, 0, None)]
 
 
 def _fine_tunes(stages: _Stages, ref: torch.nn.Module, codes: CodeData, work: Path, ship_as: Path,
@@ -355,15 +361,16 @@ def _fine_tunes(stages: _Stages, ref: torch.nn.Module, codes: CodeData, work: Pa
     """Every fine-tune in fp16, as shipped, so that the sweep scores exactly the shipped weights."""
     recipe = stages.recipe
     shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
-    for loss, lam, beta, seed in _variants(recipe, baselines):
-        folder = work / variant_name(loss, lam, beta, seed)
+    for loss, lam, beta, seed, within in _variants(recipe, baselines):
+        folder = work / variant_name(loss, lam, beta, seed, within)
         name = stages.prefix + folder.name
-        is_shipped = loss == "cca" and (lam, beta) == shipped and not seed
+        is_shipped = loss == "cca" and (lam, beta) == shipped and not seed and not within
         if not stages.start(name, _done(folder)):
             if is_shipped and _done(folder):
                 _copy_weights(folder, ship_as)  # e.g. trained as part of the sweep
             continue
-        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed})
+        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed,
+                                              "negatives_within": within})
         _tune(stages, ref, codes, folder, cca_args, ship_as if is_shipped else None)
         stages.done(name)
 
@@ -539,6 +546,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=float, default=None, help="passes over the codes")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch: over all ranks and --grad-accum micro-batches (paper: 256)")
+    g.add_argument("--negatives-within", choices=["shape", "colour", "texture"], default=None,
+                   help="Shapes-1k models: roll each micro-batch's labels within groups of classes sharing this "
+                        "attribute, so most negatives differ only in the others (default: plain roll, the paper)")
     g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the model's dropout on while fine-tuning (policy and reference alike), as the paper "
                         "does for LlamaGen")
@@ -613,6 +623,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                         "cca_lam30_beta0.05, cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet; the "
                         "VAR family's: var_vae, var_codes, var_codes_more, var, var_cca_lam100_beta0.05, ...); "
                         "the ones they build on must exist. Lets stages run side by side")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every stage (default: the recipe's per stage; float sums depend on "
+                        "the count, so other counts do not give the shipped weights bit for bit)")
     p.add_argument("--baselines", action="store_true",
                    help="also the lambda sweep, a retrained-seed copy, DPO and unlearning models that `ccaserve eval` "
                         "compares (about 26 min each on one core; run two side by side with --only)")

@@ -340,7 +340,8 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
         if e not in off_scale:
             groups.setdefault(e.get("sweep") or e["mode"], []).append(e)
     styles = {"cfg scale (base)": ("tab:blue", "o-"), "cfg scale (cca+cfg)": ("tab:purple", "^-"),
-              "cca (shipped)": ("black", "*"), "free": ("grey", "D"), "training seed (cca)": ("tab:green", "D")}
+              "cca (shipped)": ("black", "*"), "free": ("grey", "D"), "training seed (cca)": ("tab:green", "D"),
+              "hard negatives (cca)": ("tab:cyan", "P")}
     lambda_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
     for name, group in groups.items():
         if name == "real":
@@ -353,7 +354,7 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
         xs, ys = [g["is"] for g in group], [g["fid"] for g in group]
         ax.plot(xs, ys, style, color=colour, label=name, markersize=6, linewidth=1.5 if len(group) > 1 else 0)
         # a retrained copy lands next to its sweep point, whose label sits to the right: put its own left
-        left = name == "training seed (cca)"
+        left = name in ("training seed (cca)", "hard negatives (cca)")
         for g in group:
             ax.annotate(g.get("setting", ""), (g["is"], g["fid"]), textcoords="offset points",
                         xytext=(-4, 4) if left else (4, 4), ha="right" if left else "left", fontsize=7)
@@ -378,6 +379,8 @@ def settings_label(entry: dict[str, Any]) -> str:
         return f"λ={entry['lambda']:g}{beta}"
     if entry.get("sweep") == "training seed (cca)":
         return f"λ={entry['lambda']:g}{beta} seed {entry['train_seed']}"
+    if entry.get("sweep") == "hard negatives (cca)":
+        return f"λ={entry['lambda']:g}{beta} within {entry['negatives_within']}"
     if entry.get("cfg_scale", 1.0) != 1.0:
         return f"s={entry['cfg_scale']:g}"
     return ""

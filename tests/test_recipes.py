@@ -41,6 +41,9 @@ def test_authors_code_and_flags_override_and_toy_for_the_rest(tiny_gpt):
     assert "set by flags: lam" in line
     toy, line = cca_args_from(_args(), tiny_gpt)  # not a LlamaGen preset: the default model's recipe
     assert (toy.lam, toy.beta, toy.batch_size, toy.dropout) == (10.0, 0.1, 32, False) and "toy" in line
+    assert toy.negatives_within is None  # plain rolled labels, unless asked
+    hard, line = cca_args_from(_args("--negatives-within", "colour"), tiny_gpt)
+    assert hard.negatives_within == "colour" and "negatives_within=colour" in line
 
 
 def test_constant_schedule_is_constant():

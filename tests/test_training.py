@@ -67,6 +67,31 @@ def test_contrastive_pairs_roll_and_null_rows():
         contrastive_pairs(labels, 10, uncond_ratio=1.5)
 
 
+def test_contrastive_pairs_within_groups():
+    """With a class -> group table, each row's negative comes from its own group unless it is the
+    first of its group in the sort; rows keep their positives and the negatives are a permutation."""
+    from training.trainers import negative_groups
+
+    group_of = torch.arange(20) // 10  # classes 0-9: group 0, 10-19: group 1
+    labels = torch.tensor([3, 12, 5, 17, 8, 11, 2, 19])
+    pairs = contrastive_pairs(labels, null_class=20, uncond_ratio=0.0, group_of=group_of)
+    assert torch.equal(pairs.pos, labels)
+    assert sorted(pairs.neg.tolist()) == sorted(labels.tolist())
+    # group 0 in batch order: rows 0, 2, 4, 6 (3, 5, 8, 2); group 1: rows 1, 3, 5, 7 (12, 17, 11, 19);
+    # the stable sort puts group 0 first, so row 0 gets the last class of group 1 and row 1 group 0's last
+    assert pairs.neg.tolist() == [19, 2, 3, 12, 5, 17, 8, 11]
+    crossed = group_of[pairs.neg] != group_of[labels]
+    assert int(crossed.sum()) == 2  # one per group present
+    assert torch.equal(contrastive_pairs(labels, 20, 0.0).neg, torch.roll(labels, 1))  # no table: plain roll
+    colour = negative_groups("colour", 1000)
+    assert colour[207].item() == 0 and colour[217].item() == 1  # 207: red; 217: orange (class // 10 % 10)
+    assert negative_groups(None, 1000) is None
+    with pytest.raises(ValueError, match="negatives_within"):
+        negative_groups("size", 1000)
+    with pytest.raises(ValueError, match="1000 Shapes-1k classes"):
+        negative_groups("colour", 10)
+
+
 def _tiny_codes(n: int = 256, seed: int = 0) -> CodeData:
     # a learnable toy: each class has its own token pattern plus noise
     g = torch.Generator().manual_seed(seed)
@@ -247,8 +272,10 @@ def test_train_all_quick_then_eval(tmp_path):
     assert all(torch.equal(v.half().float(), shipped[k]) for k, v in second.state_dict().items())
     assert len(json.loads((out / "class_names.json").read_text())) == 1000
     assert {p.name for p in work.glob("*_lam*")} == {"cca_lam30_beta0.05", "cca_lam30_beta0.05_seed1",
-                                                     "cca_lam30_beta0.1", "dpo_lam30_beta0.05",
-                                                     "unlearn_lam30_beta0.05"}
+                                                     "cca_lam30_beta0.05_negcolour", "cca_lam30_beta0.1",
+                                                     "dpo_lam30_beta0.05", "unlearn_lam30_beta0.05"}
+    hard = json.loads((work / "cca_lam30_beta0.05_negcolour" / "config.json").read_text())["train"]
+    assert hard["negatives_within"] == "colour"
     assert main(["eval", "--gpt-ckpt", str(out / "gpt"), "--cca-ckpt", str(out / "cca_gpt"), "--cca-cfg-ckpt",
                  str(out / "cca_cfg_gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
                  "--work", str(work), "--n", "40", "--n-val", "30", "--test-repeats", "2",
@@ -259,16 +286,19 @@ def test_train_all_quick_then_eval(tmp_path):
     test = [e for e in report["entries"] if e["split"] == "test"]
     assert [(e["mode"], e["sweep"]) for e in val] == [
         ("free", "free"), ("cfg", "cfg scale (base)"), ("cfg", "cfg scale (base)"), ("cca", "cca (shipped)"),
-        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "training seed (cca)"),
-        ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
+        ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "hard negatives (cca)"),
+        ("cca", "training seed (cca)"), ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
     assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
     # the sweep's lambda=30 beta=0.05 model is the shipped one: same samples, same numbers
     shipped, swept = val[3], val[5]
     assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
-    assert val[6]["train_seed"] == 1 and val[6]["model"] == "cca λ=30 β=0.05 seed=1"  # another data order:
+    assert (val[6]["negatives_within"], val[6]["setting"]) == ("colour", "λ=30 β=0.05 within colour")
+    assert ((work / "cca_lam30_beta0.05_negcolour" / "model.safetensors").read_bytes()   # other pairs,
+            != (work / "cca_lam30_beta0.05" / "model.safetensors").read_bytes())        # other weights
+    assert val[7]["train_seed"] == 1 and val[7]["model"] == "cca λ=30 β=0.05 seed=1"  # another data order:
     assert ((work / "cca_lam30_beta0.05_seed1" / "model.safetensors").read_bytes()       # other weights
             != (work / "cca_lam30_beta0.05" / "model.safetensors").read_bytes())
-    assert (val[7]["lambda"], val[7]["beta"], val[7]["setting"]) == (30, 0.1, "λ=30 β=0.1")
+    assert (val[8]["lambda"], val[8]["beta"], val[8]["setting"]) == (30, 0.1, "λ=30 β=0.1")
     assert report["noise"]["training_seed_fid"][0]["model"] == "cca λ=30 β=0.05"
     # the test split: the chosen settings only, on other seeds, one row per mode and seed set
     best = min(val[1:3], key=lambda e: e["fid"])["cfg_scale"]

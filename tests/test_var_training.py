@@ -201,6 +201,7 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     lam, beta = VAR_RECIPE["cca"]["lam"], VAR_RECIPE["cca"]["beta"]
     tuned = variant_name("cca", lam, beta, 0)  # the shipped setting: the quick recipe sweeps nothing else
     assert {p.name for p in work_var.glob("*_lam*")} == {tuned, variant_name("cca", lam, beta, 1),
+                                                         variant_name("cca", lam, beta, 0, "colour"),
                                                          variant_name("dpo", lam, beta, 0),
                                                          variant_name("unlearn", lam, beta, 0)}
     shipped = out_var / "cca_var" / "model.safetensors"

@@ -69,12 +69,26 @@ class ContrastivePairs:
 
 
 def contrastive_pairs(labels: torch.Tensor, null_class: int, uncond_ratio: float = 0.1,
-                      generator: torch.Generator | None = None) -> ContrastivePairs:
+                      generator: torch.Generator | None = None,
+                      group_of: torch.Tensor | None = None) -> ContrastivePairs:
     """Negatives by rolling the labels by one; a share ``uncond_ratio`` of rows gets the null class
-    on both sides so the unconditional branch keeps being trained (CCA+CFG still works)."""
+    on both sides so the unconditional branch keeps being trained (CCA+CFG still works).
+
+    ``group_of`` [num_classes] (optional) maps each class to a group (a superclass, or an attribute
+    the classes share): the labels are then rolled in the order of a stable sort by group, so a
+    row's negative is a class of its own group unless the row is first of its group in the
+    micro-batch. The rows keep their place; only who is paired with whom changes. This keeps the
+    negatives hard: with random pairing most negatives differ in the most salient attribute, the
+    loss separates them by that alone and saturates before it learns the subtler ones.
+    """
     if not 0.0 <= uncond_ratio <= 1.0:
         raise ValueError(f"uncond_ratio must be in [0, 1], got {uncond_ratio}")
-    neg = torch.roll(labels, 1, dims=0)
+    if group_of is None:
+        neg = torch.roll(labels, 1, dims=0)
+    else:
+        order = torch.sort(group_of.to(labels.device)[labels], stable=True).indices
+        neg = torch.empty_like(labels)
+        neg[order] = torch.roll(labels[order], 1, dims=0)
     uncond = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device) < uncond_ratio
     null = torch.full_like(labels, null_class)
     pos = torch.where(uncond, null, labels)

@@ -83,14 +83,16 @@ __all__ = ["cca_recipe", "describe", "PAPER_LLAMAGEN", "PAPER_VAR", "PAPER_COMMO
            "AUTHORS_CODE", "TOY_CCA", "RECIPES"]
 
 
-def variant_name(loss: str, lam: float, beta: float, seed: int) -> str:
-    """The work folder of one fine-tune: <loss>_lam<lambda>_beta<beta>[_seed<k>]."""
-    return f"{loss}_lam{lam:g}_beta{beta:g}" + (f"_seed{seed}" if seed else "")
+def variant_name(loss: str, lam: float, beta: float, seed: int, negatives_within: str | None = None) -> str:
+    """The work folder of one fine-tune: <loss>_lam<lambda>_beta<beta>[_seed<k>][_neg<attribute>]."""
+    return (f"{loss}_lam{lam:g}_beta{beta:g}" + (f"_seed{seed}" if seed else "")
+            + (f"_neg{negatives_within}" if negatives_within else ""))
 
 
-def parse_variant_name(name: str) -> tuple[str, float, float, int]:
-    """Inverse of variant_name: (loss, lambda, beta, training seed)."""
+def parse_variant_name(name: str) -> tuple[str, float, float, int, str | None]:
+    """Inverse of variant_name: (loss, lambda, beta, training seed, negatives_within or None)."""
+    name, _, within = name.partition("_neg")
     loss, rest = name.split("_lam", 1)
     lam, _, rest = rest.partition("_beta")
     beta, _, seed = rest.partition("_seed")
-    return loss, float(lam), float(beta), int(seed or 0)
+    return loss, float(lam), float(beta), int(seed or 0), within or None

@@ -36,6 +36,7 @@ COLOURS = {
 COLOUR_NAMES = list(COLOURS)
 TEXTURES = ["plain", "h-striped", "v-striped", "diagonal-striped", "checkered", "dotted", "gridded",
             "shaded", "ringed", "speckled"]
+ATTRIBUTES = ("shape", "colour", "texture")  # the order of ``class_attributes``
 CELL = 4  # output pixels per tokenizer code (32 px / 8 codes): patterns are drawn on this grid
 
 

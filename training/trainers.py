@@ -731,6 +731,23 @@ class CCATrainArgs:
     dropout: bool = True  # the paper keeps the model's dropout on for LlamaGen ("keep_dropout")
     lr_schedule: str = "cosine"  # or "constant", as the authors' code
     accumulate: str = "mean"  # micro-batch losses averaged; "sum" as the authors' code
+    # None: labels rolled as drawn (the paper). A Shapes-1k attribute ("shape", "colour" or
+    # "texture"): negatives drawn within the micro-batch from classes sharing it where possible
+    negatives_within: str | None = None
+
+
+def negative_groups(attribute: str | None, num_classes: int) -> torch.Tensor | None:
+    """The group of every class that ``contrastive_pairs`` draws negatives within: one of the
+    Shapes-1k class attributes (``shapes.ATTRIBUTES``), or None for plain rolled labels."""
+    if attribute is None:
+        return None
+    if attribute not in shapes.ATTRIBUTES:
+        raise ValueError(f"negatives_within must be one of {shapes.ATTRIBUTES} or None, got {attribute!r}")
+    if num_classes != shapes.NUM_CLASSES:
+        raise ValueError(f"negatives_within needs the {shapes.NUM_CLASSES} Shapes-1k classes, the model has "
+                         f"{num_classes}")
+    index = shapes.ATTRIBUTES.index(attribute)
+    return torch.tensor([shapes.class_attributes(c)[index] for c in range(num_classes)])
 
 
 def train_cca(out_dir: str | Path | None, ref: GPT | VAR, data: CodeData, args: CCATrainArgs | None = None,
@@ -770,6 +787,7 @@ def train_cca(out_dir: str | Path | None, ref: GPT | VAR, data: CodeData, args: 
         raise ValueError(f"{len(data)} images make no batch of {args.batch_size}")
     gen = torch.Generator().manual_seed(args.seed + 1)
     null = ref.config.null_class
+    group_of = negative_groups(args.negatives_within, ref.config.num_classes)
     frozen: dict[str, torch.nn.Module] = {}
 
     def prepare(env: distributed.DistEnv) -> None:  # the reference is sharded like the policy under FSDP
@@ -780,7 +798,7 @@ def train_cca(out_dir: str | Path | None, ref: GPT | VAR, data: CodeData, args: 
     def split(codes: torch.Tensor, labels: torch.Tensor, parts: int) -> list[Micro]:
         out = []
         for c, lab in zip(codes.chunk(parts), labels.chunk(parts), strict=True):
-            pairs = contrastive_pairs(lab, null, args.uncond_ratio, gen)
+            pairs = contrastive_pairs(lab, null, args.uncond_ratio, gen, group_of)
             out.append((torch.cat([c, c]), torch.cat([pairs.pos, pairs.neg]), pairs.negative_is_positive))
         return out
 
