@@ -353,11 +353,13 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
             colour, style = styles.get(name, (None, "D"))
         xs, ys = [g["is"] for g in group], [g["fid"] for g in group]
         ax.plot(xs, ys, style, color=colour, label=name, markersize=6, linewidth=1.5 if len(group) > 1 else 0)
-        # a retrained copy lands next to its sweep point, whose label sits to the right: put its own left
-        left = name in ("training seed (cca)", "hard negatives (cca)")
+        # a variant of a sweep point (retrained copy, hard negatives) lands next to it, whose label
+        # sits above right: put the variant's own label left of it, or level with it on the right
+        offset, align = {"training seed (cca)": ((-4, 4), "right"),
+                         "hard negatives (cca)": ((6, -3), "left")}.get(name, ((4, 4), "left"))
         for g in group:
             ax.annotate(g.get("setting", ""), (g["is"], g["fid"]), textcoords="offset points",
-                        xytext=(-4, 4) if left else (4, 4), ha="right" if left else "left", fontsize=7)
+                        xytext=offset, ha=align, fontsize=7)
     ax.set_xlabel("Inception-style score (EvalNet), higher is better")
     ax.set_ylabel("FID (EvalNet features), lower is better")
     ax.set_title(title, fontsize=10)
