@@ -343,6 +343,7 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
               "cca (shipped)": ("black", "*"), "free": ("grey", "D"), "training seed (cca)": ("tab:green", "D"),
               "hard negatives (cca)": ("tab:cyan", "P")}
     lambda_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
+    labels: list[tuple[str, float, float]] = []
     for name, group in groups.items():
         if name == "real":
             continue
@@ -353,13 +354,7 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
             colour, style = styles.get(name, (None, "D"))
         xs, ys = [g["is"] for g in group], [g["fid"] for g in group]
         ax.plot(xs, ys, style, color=colour, label=name, markersize=6, linewidth=1.5 if len(group) > 1 else 0)
-        # a variant of a sweep point (retrained copy, hard negatives) lands next to it, whose label
-        # sits above right: put the variant's own label left of it, or level with it on the right
-        offset, align = {"training seed (cca)": ((-4, 4), "right"),
-                         "hard negatives (cca)": ((6, -3), "left")}.get(name, ((4, 4), "left"))
-        for g in group:
-            ax.annotate(g.get("setting", ""), (g["is"], g["fid"]), textcoords="offset points",
-                        xytext=offset, ha=align, fontsize=7)
+        labels += [(g.get("setting", ""), g["is"], g["fid"]) for g in group if g.get("setting")]
     ax.set_xlabel("Inception-style score (EvalNet), higher is better")
     ax.set_ylabel("FID (EvalNet features), lower is better")
     ax.set_title(title, fontsize=10)
@@ -370,8 +365,26 @@ def plot_fid_is(entries: Sequence[dict[str, Any]], path: str | Path, title: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _place_labels(fig, ax, labels)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _place_labels(fig: Any, ax: Any, labels: Sequence[tuple[str, float, float]]) -> None:
+    """Each point's label beside it, at the first of a few offsets where it overlaps no label
+    placed before it (nearby sweep points and their variants would otherwise write over each other)."""
+    candidates = [((4, 4), "left"), ((-4, 4), "right"), ((4, -10), "left"), ((-4, -10), "right"),
+                  ((7, -3), "left"), ((-7, -3), "right")]
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for text, x, y in labels:
+        for offset, align in candidates:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=7)
+            box = note.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed) or (offset, align) == candidates[-1]:
+                placed.append(box)
+                break
+            note.remove()
 
 
 def settings_label(entry: dict[str, Any]) -> str:
