@@ -346,9 +346,10 @@ class _Stages:
             print("training times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.times.items()))
 
 
-def _variants(recipe: dict[str, Any], baselines: bool) -> list[tuple[str, float, float, int]]:
-    """The fine-tunes a recipe asks for: the shipped one; with ``baselines`` the eval's sweep, the
-    retrained-seed copies, DPO and unlearning."""
+def _variants(recipe: dict[str, Any], baselines: bool) -> list[tuple[str, float, float, int, str | None]]:
+    """The fine-tunes a recipe asks for, as (loss, lambda, beta, data-order seed, negatives_within):
+    the shipped one; with ``baselines`` the eval's sweep, the retrained-seed copies, the
+    hard-negative variants, DPO and unlearning."""
     shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
     if not baselines:
         return [("cca", *shipped, 0)]
@@ -622,14 +623,16 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="keep stages whose outputs already exist")
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="run only these stages (comma-separated: vq, codes, gpt, codes_more, gpt_more, "
-                        "cca_lam30_beta0.05, cca_lam30_beta0.05_seed1, dpo_lam30_beta0.05, cca_cfg, evalnet; the "
+                        "cca_lam30_beta0.05, cca_lam30_beta0.05_seed1, cca_lam30_beta0.05_negcolour, "
+                        "dpo_lam30_beta0.05, cca_cfg, evalnet; the "
                         "VAR family's: var_vae, var_codes, var_codes_more, var, var_cca_lam100_beta0.05, ...); "
                         "the ones they build on must exist. Lets stages run side by side")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every stage (default: the recipe's per stage; float sums depend on "
                         "the count, so other counts do not give the shipped weights bit for bit)")
     p.add_argument("--baselines", action="store_true",
-                   help="also the lambda sweep, a retrained-seed copy, DPO and unlearning models that `ccaserve eval` "
-                        "compares (about 26 min each on one core; run two side by side with --only)")
+                   help="also the lambda sweep, a retrained-seed copy, hard-negative variants, DPO and unlearning "
+                        "models that `ccaserve eval` compares (about 26 min each on one core; run two side by side "
+                        "with --only)")
     p.set_defaults(func=cmd_train_all)
 
