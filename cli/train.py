@@ -352,7 +352,7 @@ def _variants(recipe: dict[str, Any], baselines: bool) -> list[tuple[str, float,
     hard-negative variants, DPO and unlearning."""
     shipped = (recipe["cca"]["lam"], recipe["cca"]["beta"])
     if not baselines:
-        return [("cca", *shipped, 0)]
+        return [("cca", *shipped, 0, None)]
     variants = [("cca", lam, beta, 0, None) for lam, beta in sorted({*map(tuple, recipe["sweep"]), shipped})]
     variants += [("cca", n["lam"], n["beta"], n["seed"], None) for n in recipe["training_noise"]]
     variants += [("cca", n["lam"], n["beta"], 0, n["within"]) for n in recipe.get("hard_negatives", [])]
