@@ -184,8 +184,11 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
     ax.set_ylabel("effective guidance scale 1 + slope(dr on dg)")
     ax.set_title(title or "How guidance-like is the fine-tune, per kind of contrast")
     top = max(report[n][k]["effective_scale"] for n in names for k in kinds)
-    ax.set_ylim(0, max(2.0, top) * 1.22)  # headroom for the legend above the bars
-    ax.legend(fontsize=8, loc="upper center", ncol=min(4, len(names)))
+    # long model names (work folders) go two to a row, so the legend stays inside the axes
+    ncol = 2 if len(names) > 2 and max(map(len, names)) > 16 else min(4, len(names))
+    rows = -(-len(names) // ncol)
+    ax.set_ylim(0, max(2.0, top) * (1.12 + 0.1 * rows))  # headroom for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=ncol)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
