@@ -552,7 +552,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=float, default=None, help="passes over the codes")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch: over all ranks and --grad-accum micro-batches (paper: 256)")
-    g.add_argument("--negatives-within", choices=["shape", "colour", "texture"], default=None,
+    g.add_argument("--negatives-within", choices=shapes.ATTRIBUTES, default=None,
                    help="Shapes-1k models: roll each micro-batch's labels within groups of classes sharing this "
                         "attribute, so most negatives differ only in the others (default: plain roll, the paper)")
     g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None,
