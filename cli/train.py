@@ -28,10 +28,12 @@ from samplers.checkpoint import (
     save_pretrained,
 )
 from samplers.gpt import GPT_PRESETS
+from samplers.pipeline import Pipeline
 from samplers.var import VAR
 from training import distributed, shapes
 from training.recipes import PAPER_LLAMAGEN, PAPER_VAR, RECIPES, cca_recipe, describe, variant_name
 from training.trainers import (
+    SELF_SAMPLE_SEED,
     CCATrainArgs,
     CodeData,
     GPTTrainArgs,
@@ -41,6 +43,7 @@ from training.trainers import (
     VQTrainArgs,
     extract_codes,
     extract_var_codes,
+    sample_codes,
     train_cca,
     train_gpt,
     train_var,
@@ -62,6 +65,14 @@ def cmd_train_codes(args: argparse.Namespace) -> int:
     if args.llamagen_dir:
         data.save_llamagen(args.llamagen_dir)
     print(f"wrote {len(data)} code sequences of {data.seq_len} tokens to {args.out}")
+    return 0
+
+
+def cmd_train_sample_codes(args: argparse.Namespace) -> int:
+    pipe = Pipeline.from_registry(args.model)
+    data = sample_codes(pipe, args.num, seed_base=args.seed_base, mode=args.mode, progress=not args.quiet)
+    data.save(args.out)
+    print(f"wrote {len(data)} sampled code sequences of {data.seq_len} tokens ({pipe.name}, {args.mode}) to {args.out}")
     return 0
 
 
@@ -504,6 +515,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help=".npz with codes and labels")
     p.add_argument("--llamagen-dir", help="also write LlamaGen's layout (<name>_codes/i.npy, <name>_labels/i.npy)")
     p.set_defaults(func=cmd_train_codes)
+
+    p = tsub.add_parser("sample-codes", help="a registry model's own samples as codes for `train cca` (CCA then "
+                        "targets the base model's class contrast, as CFG does, instead of the data's)")
+    p.add_argument("--model", default=None, help="registry name (default: the registry's default)")
+    p.add_argument("--num", type=int, default=RECIPE["codes"]["num"], help="images; image i has class i mod classes")
+    p.add_argument("--seed-base", type=int, default=SELF_SAMPLE_SEED, help="image i is sampled with seed base + i")
+    p.add_argument("--mode", default="free", choices=("free", "cfg"),
+                   help="free: the base model's own distribution (the default)")
+    p.add_argument("--out", required=True, help=".npz with codes and labels")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_sample_codes)
 
     p = tsub.add_parser("gpt", help="train the base AR model on extracted codes (class dropout for CFG)")
     p.add_argument("--codes", required=True, help=".npz or LlamaGen code folder")

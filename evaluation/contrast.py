@@ -103,8 +103,24 @@ def attribute_negatives(labels: torch.Tensor, generator: torch.Generator | None 
     return out
 
 
-def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, float]:
-    """Summary of one kind of negative: the slope of dr on dg through the origin and what it means."""
+QUANTILES = 5  # bins of the base contrast for the tilt's shape
+
+
+def tilt_by_quantile(dg: torch.Tensor, dr: torch.Tensor, bins: int = QUANTILES) -> list[float]:
+    """mean(dr) / mean(dg) within each of ``bins`` equal-count bins of dg, lowest dg first.
+
+    Guidance of any scale gives the same ratio in every bin; a tilt that flattens where the base
+    contrast is large (a margin-like classifier, as a saturated contrastive loss learns) gives
+    ratios that fall from bin to bin. Empty when there are fewer than two rows per bin."""
+    if len(dg) < 2 * bins:
+        return []
+    order = torch.argsort(dg.double(), stable=True)
+    return [float(dr.double()[idx].mean() / dg.double()[idx].mean()) for idx in torch.tensor_split(order, bins)]
+
+
+def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, Any]:
+    """Summary of one kind of negative: the slope of dr on dg through the origin and what it means,
+    and how the ratio dr / dg changes with dg (``tilt_by_quantile``)."""
     if dg.shape != dr.shape or dg.ndim != 1 or len(dg) < 2:
         raise ValueError(f"need two equal 1-d tensors of at least 2 rows, got {tuple(dg.shape)} and {tuple(dr.shape)}")
     dg, dr = dg.double(), dr.double()
@@ -112,13 +128,13 @@ def contrast_stats(dg: torch.Tensor, dr: torch.Tensor) -> dict[str, float]:
     corr = float(torch.corrcoef(torch.stack([dg, dr]))[0, 1]) if dr.std() > 0 and dg.std() > 0 else float("nan")
     return {"n": len(dg), "base_contrast_mean": float(dg.mean()), "base_contrast_median": float(dg.median()),
             "reward_contrast_mean": float(dr.mean()), "slope": slope, "effective_scale": 1.0 + slope,
-            "corr": corr}
+            "corr": corr, "tilt_by_quantile": tilt_by_quantile(dg, dr)}
 
 
 def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], codes: torch.Tensor,
                     labels: torch.Tensor, negatives: Mapping[str, torch.Tensor], cfg_scales: Sequence[float] = (),
                     batch_size: int = 250,
-                    progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+                    progress: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model name: {negative kind: contrast_stats + the mean reward of each side}}`` over the rows
     whose negative differs from the label: one entry per fine-tuned model, then one ``cfg s=...`` entry
     per CFG scale (the distribution CFG samples from, scored like a fine-tune)."""
@@ -134,7 +150,7 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
              for name, model in tuned.items()}
     logps.update({f"cfg s={s:g}": lp for s, lp in guided.items()})
 
-    report: dict[str, dict[str, dict[str, float]]] = {}
+    report: dict[str, dict[str, dict[str, Any]]] = {}
     for name, lp in logps.items():
         reward = {kind: lp[kind] - base[kind] for kind in lp}
         report[name] = {}
@@ -149,21 +165,25 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
     return report
 
 
-def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     lines = ["| model | negatives | n | base contrast dg (mean / median, nats) | reward contrast dr (mean) | "
-             "r(x,c) / r(x,c') (mean) | slope dr/dg | effective scale | corr |", "|---" * 9 + "|"]
+             "r(x,c) / r(x,c') (mean) | slope dr/dg | effective scale | corr "
+             f"| dr/dg by dg {QUANTILES}-quantile, low to high |", "|---" * 10 + "|"]
     for name, kinds in report.items():
         for kind, s in kinds.items():
             dg = f"{s['base_contrast_mean']:.1f} / {s['base_contrast_median']:.1f}"
             sides = f"{s['reward_own_mean']:.1f} / {s['reward_neg_mean']:.1f}"
+            tilt = " / ".join(f"{t:.2f}" for t in s.get("tilt_by_quantile", []))
             lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {sides} "
-                         f"| {s['slope']:.2f} | {s['effective_scale']:.2f} | {s['corr']:.2f} |")
+                         f"| {s['slope']:.2f} | {s['effective_scale']:.2f} | {s['corr']:.2f} | {tilt} |")
     return "\n".join(lines)
 
 
-def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path,
+def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path,
                   title: str = "") -> None:
-    """Grouped bars: effective guidance scale per kind of negative, one bar per fine-tuned model."""
+    """Left: grouped bars, the effective guidance scale per kind of negative, one bar per model.
+    Right: the shape of the tilt on the first kind of negative, dr / dg per quantile of dg (flat for
+    guidance, falling for a margin-like reward)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +191,8 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
 
     kinds = list(next(iter(report.values())))
     names = list(report)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, (ax, shape_ax) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120, gridspec_kw={"width_ratios": [7, 5]})
+    _plot_tilt_shape(shape_ax, report, kinds[0])
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(kinds))]
@@ -195,6 +216,20 @@ def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, float]]], path:
     plt.close(fig)
 
 
+def _plot_tilt_shape(ax: Any, report: Mapping[str, Mapping[str, Mapping[str, Any]]], kind: str) -> None:
+    for name, kinds in report.items():
+        tilt = kinds[kind].get("tilt_by_quantile", [])
+        if tilt:
+            ax.plot(range(1, len(tilt) + 1), tilt, marker="o", label=name,
+                    linestyle="--" if name.startswith("cfg") else "-")
+    ax.set_xlabel(f"{QUANTILES}-quantile of the base contrast dg (1 = most alike classes)")
+    ax.set_ylabel("dr / dg in the quantile")
+    ax.set_title(f"shape of the tilt ({kind} negatives)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
 def write_report(report: Mapping[str, Any], out: str | Path, name: str, meta: Mapping[str, Any]) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +241,8 @@ def write_report(report: Mapping[str, Any], out: str | Path, name: str, meta: Ma
               "dr = r(x,c) - r(x,c') with r = log p_tuned - log p_base. A sequence-level guidance of scale s gives "
               "dr = (s - 1) dg, so 1 + slope is the scale the fine-tune acts like for that kind of contrast. "
               "`cfg s=...` rows score the distribution CFG samples from (token-level guidance of the base) "
-              "the same way.", ""]
+              "the same way. The last column is dr / dg within equal-count bins of dg, most alike classes first: "
+              "guidance keeps it flat, a reward that saturates like a margin makes it fall.", ""]
     paths[1].write_text("\n".join(header + [markdown_table(report), ""]))
     plot_contrast(report, paths[2], title=f"{meta.get('model', '')}: effective guidance scale per contrast")
     return paths

@@ -23,6 +23,18 @@ def test_contrast_stats_reads_a_uniform_tilt_as_its_scale():
         contrast.contrast_stats(dg, dg[:10])
 
 
+def test_tilt_by_quantile_is_flat_for_guidance_and_falls_for_a_margin():
+    dg = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 300 + 50
+    assert contrast.tilt_by_quantile(dg, 0.8 * dg) == pytest.approx([0.8] * contrast.QUANTILES)
+    margin = contrast.tilt_by_quantile(dg, torch.full_like(dg, 200.0))  # the same dr for every pair
+    assert len(margin) == contrast.QUANTILES and all(a > b for a, b in zip(margin[:-1], margin[1:], strict=True))
+    # bin k holds the k-th fifth of dg: its ratio is dr over that fifth's mean dg
+    lowest = torch.sort(dg).values[:200]
+    assert margin[0] == pytest.approx(200.0 / float(lowest.mean()), rel=1e-6)
+    assert contrast.tilt_by_quantile(dg[:9], dg[:9]) == []  # fewer than two rows per bin
+    assert contrast.contrast_stats(dg, 0.8 * dg)["tilt_by_quantile"] == pytest.approx([0.8] * contrast.QUANTILES)
+
+
 def test_negatives_differ_as_named():
     labels = torch.arange(1000).repeat(2)
     gen = torch.Generator().manual_seed(0)

@@ -423,3 +423,21 @@ def test_keep_freed_memory_applies_on_glibc_linux():
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
+
+
+def test_sample_codes_are_the_pipelines_own_samples(tmp_path):
+    from cli import main
+    from samplers.pipeline import Pipeline
+    from training.trainers import sample_codes
+
+    pipe = Pipeline.from_registry("tiny-random")
+    data = sample_codes(pipe, 5, seed_base=11, batch_size=2, progress=False)
+    assert data.labels.tolist() == [0, 1, 2, 3, 4] and data.codes.shape == (5, pipe.gpt.config.block_size)
+    direct = pipe([0, 1, 2, 3, 4], "free", seeds=[11, 12, 13, 14, 15])  # the sampler the server runs
+    assert data.codes.tolist() == [list(r.tokens) for r in direct]
+    with pytest.raises(ValueError, match="num_images"):
+        sample_codes(pipe, 0)
+    out = tmp_path / "self.npz"
+    assert main(["train", "sample-codes", "--model", "tiny-random", "--num", "3", "--seed-base", "11",
+                 "--out", str(out), "--quiet"]) == 0
+    assert torch.equal(CodeData.load(out).codes, data.codes[:3])

@@ -431,6 +431,32 @@ def extract_codes(tokenizer: VQModel | VARVAE, num_images: int, data_seed: int =
     return CodeData(torch.cat(codes).numpy(), torch.cat(labels).numpy())
 
 
+SELF_SAMPLE_SEED = 70_000_000  # image seeds of the model's own samples: apart from the evaluation's splits
+
+
+def sample_codes(pipeline: Any, num_images: int, seed_base: int = SELF_SAMPLE_SEED, mode: str = "free",
+                 batch_size: int = 500, progress: bool = True) -> CodeData:
+    """A model's own samples as training codes: image i has class i mod num_classes (as Shapes-1k
+    labels its images) and seed ``seed_base + i``, sampled in ``mode`` by ``pipeline`` (a
+    ``samplers.pipeline.Pipeline``) with its default options.
+
+    CCA tuned on these instead of real images targets the base model's own class contrast, the one
+    CFG amplifies: the NCE optimum of the loss is then log p_ref(c|x)/p(c) under the base model
+    (docs/eval/README.md, "CCA on the base model's own samples")."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    options = pipeline.options_for(mode)
+    codes, labels = [], []
+    for start in tqdm(range(0, num_images, batch_size), desc=f"sample codes ({mode})", disable=not progress):
+        index = range(start, min(num_images, start + batch_size))
+        classes = [i % pipeline.num_classes for i in index]
+        with torch.inference_mode():
+            jobs = pipeline.decode_batch(mode, classes, [seed_base + i for i in index], options)
+        codes.append(np.stack([np.asarray(job.tokens, dtype=np.int64) for job in jobs]))
+        labels.extend(classes)
+    return CodeData(np.concatenate(codes), np.asarray(labels, dtype=np.int64))
+
+
 # ---- how a GPT run is executed: one process or many (torchrun), accumulation, checkpoints ------
 @dataclass
 class RunSetup:

@@ -1,0 +1,74 @@
+"""Score a few sampling settings of a registry model on the validation seeds, one JSON line each.
+
+A quick probe between full `ccaserve eval` runs: each setting is a mode with optional cfg scale,
+temperature and top-k, sampled from the same class-balanced validation seeds the evaluation uses
+and scored with the model's evaluation network. ``--cca DIR`` swaps in another fine-tune (a
+work folder's ``model.safetensors``) as the cca model.
+
+    python scripts/score_settings.py --model shapes1k --out runs/temperature.jsonl \
+        --setting free:T=0.9 --setting cca:T=1.1 --setting cfg:s=2:T=1.15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cli.evaluate import _load_tuned
+from evaluation import evaluate
+from samplers.pipeline import Pipeline
+from samplers.registry import Registry
+
+_KEYS = {"s": ("cfg_scale", float), "T": ("temperature", float), "k": ("top_k", int)}
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``mode[:s=SCALE][:T=TEMPERATURE][:k=TOP_K]`` -> (mode, sampling options)."""
+    mode, *fields = text.split(":")
+    options: dict[str, Any] = {}
+    for field in fields:
+        key, _, value = field.partition("=")
+        if key not in _KEYS or not value:
+            raise argparse.ArgumentTypeError(f"bad field {field!r} in {text!r}: use s=, T= or k=")
+        name, kind = _KEYS[key]
+        options[name] = kind(value)
+    return mode, options
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="registry name (default: the registry's default)")
+    ap.add_argument("--cca", default=None, help="fine-tune folder to use as the cca model")
+    ap.add_argument("--setting", action="append", required=True, type=parse_setting,
+                    help="mode[:s=SCALE][:T=TEMPERATURE][:k=TOP_K]; repeatable")
+    ap.add_argument("--n", type=int, default=2000, help="validation images per setting")
+    ap.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference")
+    ap.add_argument("--out", required=True, help="JSON-lines file the scores are appended to")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entry = Registry().get(args.model)
+    pipe = Pipeline.from_registry(args.model)
+    if args.cca:
+        pipe.models["cca"] = _load_tuned(args.cca, pipe)
+    net = evaluate.load_evalnet(entry.weights_dir / entry.parts["evalnet"]["path"])
+    ref = evaluate.reference_stats(net, args.n_ref, progress=False)
+    seed_base = evaluate.split_seed_base("validation")
+    for mode, options in args.setting:
+        start = time.perf_counter()
+        row = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, seed_base=seed_base, progress=False, **options)
+        row.update(model=pipe.name, cca=args.cca, wall_s=round(time.perf_counter() - start, 1))
+        line = json.dumps(row)
+        print(line, flush=True)
+        with Path(args.out).open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
