@@ -222,6 +222,7 @@ def _plot_tilt_shape(ax: Any, report: Mapping[str, Mapping[str, Mapping[str, Any
         if tilt:
             ax.plot(range(1, len(tilt) + 1), tilt, marker="o", label=name,
                     linestyle="--" if name.startswith("cfg") else "-")
+    ax.set_xticks(range(1, QUANTILES + 1))
     ax.set_xlabel(f"{QUANTILES}-quantile of the base contrast dg (1 = most alike classes)")
     ax.set_ylabel("dr / dg in the quantile")
     ax.set_title(f"shape of the tilt ({kind} negatives)", fontsize=10)
