@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.add_to:
         return cmd_eval_add(args)
     pipe = pipeline_from_args(args)
-    net = _evalnet(args)
+    net = load_evalnet_for(args.model, args.evalnet)
     ref = evaluate.reference_stats(net, args.n_ref, progress=not args.quiet)
     opts = sampling_options(args)
     entries: list[dict[str, Any]] = []
@@ -104,12 +104,12 @@ def _runner(pipe: Any, net: evaluate.EvalNet, ref: Any, opts: dict[str, Any], en
     return run
 
 
-def _evalnet(args: argparse.Namespace) -> evaluate.EvalNet:
-    """--evalnet, or the registry model's own evaluation network."""
-    if args.evalnet:
-        net_path = Path(args.evalnet)
+def load_evalnet_for(model: str | None, evalnet: str | None = None) -> evaluate.EvalNet:
+    """The evaluation network at ``evalnet`` (--evalnet), or registry ``model``'s own."""
+    if evalnet:
+        net_path = Path(evalnet)
     else:
-        entry = Registry().get(args.model)
+        entry = Registry().get(model)
         net_path = entry.weights_dir / entry.parts.get("evalnet", {}).get("path", "")
     if not (net_path / "config.json").exists():
         raise FileNotFoundError(f"no evaluation network at {net_path} (pass --evalnet DIR)")
@@ -141,7 +141,7 @@ def _score_fine_tunes(run: Any, pipe: Any, work: str | None, entries: list[dict[
                  + (f" within {within}" if within else ""))
         if label in scored:
             continue
-        model = _load_tuned(variant, pipe)
+        model = load_tuned(variant, pipe)
         meta = {"lambda": lam, "beta": beta, "loss": loss, "train_seed": train_seed, "negatives_within": within}
         if _same_weights(model, shipped):  # the shipped model: same seeds, same samples, same scores
             first = next(e for e in entries if e["sweep"] == "cca (shipped)" and e["split"] == "validation")
@@ -186,7 +186,7 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     if report["model"] != pipe.name or report["options"] != opts:
         raise ValueError(f"{path} scores {report['model']} with {report['options']}; this run would score "
                          f"{pipe.name} with {opts}: give the report's --model and sampling flags")
-    net = _evalnet(args)
+    net = load_evalnet_for(args.model, args.evalnet)
     ref = evaluate.reference_stats(net, report["n_ref"], seed=report["reference_seed"], progress=not args.quiet)
     entries = report["entries"]
     before = len(entries)
@@ -208,7 +208,7 @@ def cmd_contrast(args: argparse.Namespace) -> int:
         tuned["cca+cfg model"] = pipe.cca_cfg_gpt
     like = next(pipe.gpt.parameters())
     for path in args.also:
-        tuned[Path(path).name] = _load_tuned(path, pipe).to(like.device, like.dtype)
+        tuned[Path(path).name] = load_tuned(path, pipe).to(like.device, like.dtype)
     if args.codes:
         data = CodeData.load(args.codes)
         if args.n and args.n < len(data):
@@ -236,7 +236,7 @@ def cmd_contrast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tuned(path: str | Path, pipe: Any) -> torch.nn.Module:
+def load_tuned(path: str | Path, pipe: Any) -> torch.nn.Module:
     """A fine-tune of the pipeline's base model, in its family's layout (VAR's needs the VQVAE)."""
     return load_var(path, pipe.vq) if pipe.family.name == "var" else load_gpt(path)
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from cli.evaluate import _load_tuned
+from cli.evaluate import load_evalnet_for, load_tuned
 from evaluation import evaluate
 from samplers.pipeline import Pipeline
-from samplers.registry import Registry
 
 _KEYS = {"s": ("cfg_scale", float), "T": ("temperature", float), "k": ("top_k", int)}
 
@@ -53,11 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    entry = Registry().get(args.model)
     pipe = Pipeline.from_registry(args.model)
     if args.cca:
-        pipe.models["cca"] = _load_tuned(args.cca, pipe)
-    net = evaluate.load_evalnet(entry.weights_dir / entry.parts["evalnet"]["path"])
+        pipe.models["cca"] = load_tuned(args.cca, pipe)
+    net = load_evalnet_for(args.model)
     ref = evaluate.reference_stats(net, args.n_ref, progress=False)
     seed_base = evaluate.split_seed_base("validation")
     for mode, options in args.setting:

@@ -7,12 +7,23 @@ import numpy as np
 import pytest
 import torch
 
+from cli import main
 from evaluation.evaluate import EvalNet, frechet_distance, inception_score, precision_recall
 from samplers import load_gpt
+from samplers.pipeline import Pipeline
 from tests.conftest import TINY_GPT, random_gpt
 from training import shapes
 from training.losses import contrastive_pairs, preference_loss, sequence_logprob
-from training.trainers import CCATrainArgs, CodeData, GPTTrainArgs, VQTrainArgs, train_cca, train_gpt, train_vq
+from training.trainers import (
+    CCATrainArgs,
+    CodeData,
+    GPTTrainArgs,
+    VQTrainArgs,
+    sample_codes,
+    train_cca,
+    train_gpt,
+    train_vq,
+)
 
 
 def _logsig(x: float) -> float:
@@ -426,10 +437,6 @@ def test_keep_freed_memory_applies_on_glibc_linux():
 
 
 def test_sample_codes_are_the_pipelines_own_samples(tmp_path):
-    from cli import main
-    from samplers.pipeline import Pipeline
-    from training.trainers import sample_codes
-
     pipe = Pipeline.from_registry("tiny-random")
     data = sample_codes(pipe, 5, seed_base=11, batch_size=2, progress=False)
     assert data.labels.tolist() == [0, 1, 2, 3, 4] and data.codes.shape == (5, pipe.gpt.config.block_size)

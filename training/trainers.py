@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from samplers.checkpoint import save_pretrained
 from samplers.family import family_for
 from samplers.gpt import GPT, build_gpt
+from samplers.pipeline import Pipeline
 from samplers.var import VAR, build_var
 from samplers.var_vae import VARVAE, build_var_vae
 from samplers.vq import VQModel, build_vq
@@ -434,11 +435,11 @@ def extract_codes(tokenizer: VQModel | VARVAE, num_images: int, data_seed: int =
 SELF_SAMPLE_SEED = 70_000_000  # image seeds of the model's own samples: apart from the evaluation's splits
 
 
-def sample_codes(pipeline: Any, num_images: int, seed_base: int = SELF_SAMPLE_SEED, mode: str = "free",
+def sample_codes(pipeline: Pipeline, num_images: int, seed_base: int = SELF_SAMPLE_SEED, mode: str = "free",
                  batch_size: int = 500, progress: bool = True) -> CodeData:
     """A model's own samples as training codes: image i has class i mod num_classes (as Shapes-1k
-    labels its images) and seed ``seed_base + i``, sampled in ``mode`` by ``pipeline`` (a
-    ``samplers.pipeline.Pipeline``) with its default options.
+    labels its images) and seed ``seed_base + i``, sampled in ``mode`` by ``pipeline`` with its
+    default options.
 
     CCA tuned on these instead of real images targets the base model's own class contrast, the one
     CFG amplifies: the NCE optimum of the loss is then log p_ref(c|x)/p(c) under the base model
