@@ -1,0 +1,37 @@
+"""benchmarks/pixel_check.py: the pixel-space outside check of the modes."""
+import pytest
+import torch
+
+from benchmarks import pixel_check
+from tests.server_util import load_pipeline, serve, write_tiny_models
+from training import shapes
+
+
+def test_nearest_and_consistency_on_real_images():
+    ref, ref_labels = pixel_check.reference(per_class=1, data_seed=7)
+    means = torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
+    classes = torch.tensor([3, 3, 500, 500, 999, 999])
+    # each class's reference image, twice: its own nearest reference and its twin are of its class
+    images = ref[classes].view(-1, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    scores = pixel_check.consistency(images, classes, ref, ref_labels, means)
+    assert scores["self_nn"] == 1.0 and scores["nn_accuracy"] == 1.0 and scores["mean_accuracy"] == 1.0
+    assert all(scores[f"nn_{a}"] == 1.0 for a in shapes.ATTRIBUTES)
+    # the same images under other labels: every match is wrong
+    wrong = pixel_check.consistency(images, torch.tensor([4, 4, 501, 501, 0, 0]), ref, ref_labels, means)
+    assert wrong["nn_accuracy"] == 0.0 and wrong["self_nn"] == 1.0  # twins still share their (wrong) label
+    assert pixel_check.nearest(ref[:5] + 1e-3, ref, chunk=2).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_fetch_samples_from_a_server(tmp_path):
+    server, engine = serve(load_pipeline(write_tiny_models(tmp_path)), max_rows=8)
+    with server:
+        images = pixel_check.fetch_samples(server.url, None, "cca", [1, 2], per_class=pixel_check.MAX_N + 2,
+                                           seed=5, timeout_s=60)
+        again = pixel_check.fetch_samples(server.url, "tiny", "cca", [2], per_class=3, seed=5, timeout_s=60)
+        with pytest.raises(RuntimeError, match="HTTP 422"):
+            pixel_check.fetch_samples(server.url, None, "nonsense", [1], per_class=1, seed=5, timeout_s=60)
+    engine.close()
+    assert images.shape[0] == 2 * (pixel_check.MAX_N + 2) and images.shape[1] == 3
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    # class order, and seeds seed, seed + 1, ...: class 2's first three images again
+    assert torch.equal(again, images[pixel_check.MAX_N + 2:pixel_check.MAX_N + 5])
