@@ -99,61 +99,97 @@ def consistency(images: torch.Tensor, classes: torch.Tensor, ref: torch.Tensor, 
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default=None, help="registry name (default: the server's default model)")
-    parser.add_argument("--modes", default="free,cfg,cca,cca+cfg")
-    parser.add_argument("--classes", type=int, default=200, help="how many classes to sample (a fixed random set)")
-    parser.add_argument("--per-class", type=int, default=5, help="samples per class and mode")
-    parser.add_argument("--ref-per-class", type=int, default=10, help="real reference images per class")
-    parser.add_argument("--seed", type=int, default=0, help="picks the classes and the first image seed")
-    parser.add_argument("--data-seed", type=int, default=7, help="data seed of the real reference images")
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
-    args = parser.parse_args()
-    if shapes.NUM_CLASSES * args.ref_per_class > 50000:
-        parser.error("--ref-per-class: at most 50 (the reference is held in memory)")
-
-    gen = torch.Generator().manual_seed(args.seed)
+def run_once(args: argparse.Namespace, seed: int, ref: torch.Tensor, ref_labels: torch.Tensor,
+             means: torch.Tensor) -> dict[str, Any]:
+    """One class set and seed set (both from ``seed``): every mode's scores and CCA's shares."""
+    gen = torch.Generator().manual_seed(seed)
     classes = sorted(torch.randperm(shapes.NUM_CLASSES, generator=gen)[:args.classes].tolist())
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    ref, ref_labels = reference(args.ref_per_class, args.data_seed)
-    means = torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
-
     # ceiling: real images of the same classes, from another data seed than the reference
-    real_seed = args.data_seed + 1
     real_index = [c + shapes.NUM_CLASSES * k for c in classes for k in range(args.per_class)]
-    real, real_labels = shapes.make_batch(real_seed, real_index)
+    real, real_labels = shapes.make_batch(args.data_seed + 1, real_index)
     if not torch.equal(real_labels, labels):
         raise RuntimeError("the dataset no longer cycles through the classes; fix the real-image indices")
     results: dict[str, Any] = {"real": consistency(real, labels, ref, ref_labels, means)}
     seconds = {}
     for mode in args.modes.split(","):
         start = time.perf_counter()
-        images = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (args.seed + 1),
+        images = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (seed + 1),
                                args.timeout)
         seconds[mode] = round(time.perf_counter() - start, 1)
         results[mode] = consistency(images, labels, ref, ref_labels, means)
+    return {"seed": seed, "classes": classes, "results": results, "cca_share": cca_shares(results),
+            "fetch_seconds": seconds}
 
+
+def cca_shares(results: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """(cca - free) / (cfg - free) per number; None where CFG gains nothing."""
+    if not {"free", "cfg", "cca"} <= set(results):
+        return {}
+    shares = {}
+    for key in results["free"]:
+        gain = results["cfg"][key] - results["free"][key]
+        shares[key] = (results["cca"][key] - results["free"][key]) / gain if gain > 0 else None
+    return shares
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and std over the runs, and CCA's share on the means (pooled) and per run."""
+    modes = list(runs[0]["results"])
+    keys = list(runs[0]["results"]["real"])
+    mean = {m: {k: float(np.mean([r["results"][m][k] for r in runs])) for k in keys} for m in modes}
+    std = {m: {k: float(np.std([r["results"][m][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+               for k in keys} for m in modes}
+    return {"mean": mean, "std": std, "cca_share": cca_shares(mean),
+            "cca_share_per_run": {k: [r["cca_share"].get(k) for r in runs] for k in keys}}
+
+
+def print_table(title: str, results: dict[str, dict[str, float]], shares: dict[str, float | None]) -> None:
     keys = list(results["real"])
-    print(f"{args.classes} classes x {args.per_class} images per mode; reference {args.ref_per_class} real "
-          f"images per class (data seed {args.data_seed}); binomial std of an accuracy p: "
-          f"sqrt(p (1 - p) / {len(labels)}), at most {0.5 / len(labels) ** 0.5:.3f}")
+    print(title)
     print("mode".ljust(10) + "".join(k.rjust(15) for k in keys))
     for mode, row in results.items():
         print(mode.ljust(10) + "".join(f"{row[k]:15.3f}" for k in keys))
-    shares = {}
-    if {"free", "cfg", "cca"} <= set(results):
-        for k in keys:
-            gain = results["cfg"][k] - results["free"][k]
-            shares[k] = (results["cca"][k] - results["free"][k]) / gain if gain > 0 else None
-        print("cca share".ljust(10) + "".join(f"{s:15.2f}" if s is not None else " " * 12 + "n/a"
-                                             for s in shares.values()))
+    if shares:
+        print("cca share".ljust(10) + "".join(f"{shares[k]:15.2f}" if shares[k] is not None else " " * 12 + "n/a"
+                                             for k in keys))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="registry name (default: the server's default model)")
+    parser.add_argument("--modes", default="free,cfg,cca,cca+cfg")
+    parser.add_argument("--classes", type=int, default=200, help="how many classes to sample (a random set per run)")
+    parser.add_argument("--per-class", type=int, default=5, help="samples per class and mode")
+    parser.add_argument("--ref-per-class", type=int, default=10, help="real reference images per class")
+    parser.add_argument("--seed", type=int, default=0, help="run i picks its classes and image seeds from seed + i")
+    parser.add_argument("--repeats", type=int, default=4, help="runs, each on its own classes and seeds")
+    parser.add_argument("--data-seed", type=int, default=7, help="data seed of the real reference images")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    args = parser.parse_args()
+    if not 1 <= args.ref_per_class <= 50:
+        parser.error("--ref-per-class: 1 to 50 (the reference is held in memory)")
+    if not 1 <= args.classes <= shapes.NUM_CLASSES or args.per_class < 2 or args.repeats < 1:
+        parser.error(f"--classes 1 to {shapes.NUM_CLASSES}, --per-class at least 2, --repeats at least 1")
+
+    ref, ref_labels = reference(args.ref_per_class, args.data_seed)
+    means = torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
+    n = args.classes * args.per_class
+    print(f"{args.classes} classes x {args.per_class} images per mode and run; reference {args.ref_per_class} "
+          f"real images per class (data seed {args.data_seed}); binomial std of an accuracy: at most "
+          f"{0.5 / n ** 0.5:.3f} per run")
+    runs = []
+    for i in range(args.repeats):
+        runs.append(run_once(args, args.seed + i, ref, ref_labels, means))
+        print_table(f"run {i + 1} (seed {args.seed + i})", runs[-1]["results"], runs[-1]["cca_share"])
+    summary = summarize(runs)
+    if args.repeats > 1:
+        print_table(f"mean of {args.repeats} runs", summary["mean"], summary["cca_share"])
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "classes": classes,
-                                        "results": results, "cca_share": shares, "fetch_seconds": seconds},
-                                       indent=1))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                        "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

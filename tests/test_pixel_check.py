@@ -35,3 +35,17 @@ def test_fetch_samples_from_a_server(tmp_path):
     assert images.min() >= -1.0 and images.max() <= 1.0
     # class order, and seeds seed, seed + 1, ...: class 2's first three images again
     assert torch.equal(again, images[pixel_check.MAX_N + 2:pixel_check.MAX_N + 5])
+
+
+def test_summary_pools_runs_before_the_share():
+    def run(free, cfg, cca):
+        results = {"real": {"self_nn": 0.4}, "free": {"self_nn": free}, "cfg": {"self_nn": cfg},
+                   "cca": {"self_nn": cca}}
+        return {"results": results, "cca_share": pixel_check.cca_shares(results)}
+
+    runs = [run(0.4, 0.6, 0.5), run(0.5, 0.5, 0.6)]  # the second run: CFG gains nothing, no share
+    summary = pixel_check.summarize(runs)
+    assert summary["cca_share_per_run"]["self_nn"] == [pytest.approx(0.5), None]
+    assert summary["mean"]["cca"]["self_nn"] == pytest.approx(0.55)
+    assert summary["cca_share"]["self_nn"] == pytest.approx((0.55 - 0.45) / (0.55 - 0.45))
+    assert summary["std"]["free"]["self_nn"] == pytest.approx(0.0707, abs=1e-3)
