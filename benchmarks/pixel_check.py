@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from evaluation.evaluate import attribute_targets
+from server.app import MAX_N  # the server's images per request
 from training import shapes
-
-MAX_N = 16  # the server's images per request
 
 
 def fetch_samples(url: str, model: str | None, mode: str, classes: list[int], per_class: int, seed: int,
@@ -68,34 +68,36 @@ def reference(per_class: int, data_seed: int) -> tuple[torch.Tensor, torch.Tenso
     return images.flatten(1), labels
 
 
-def nearest(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Index of each query's nearest key (L2)."""
+def class_means(ref: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
+    """The mean reference image of every class: [1000, 3072]."""
+    return torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
+
+
+def nearest(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 512, exclude_self: bool = False) -> torch.Tensor:
+    """Index of each query's nearest key (L2); ``exclude_self``: the queries are the keys, and a
+    query's nearest is another one."""
     key_norms = (keys * keys).sum(1)
     out = []
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk]
-        out.append((key_norms[None] - 2.0 * q @ keys.T).argmin(1))  # |q|^2 is the same for every key
+        dist = key_norms[None] - 2.0 * q @ keys.T  # |q|^2 is the same for every key
+        if exclude_self:
+            rows = torch.arange(len(q))
+            dist[rows, start + rows] = float("inf")
+        out.append(dist.argmin(1))
     return torch.cat(out)
-
-
-def self_consistency(flat: torch.Tensor, classes: torch.Tensor) -> float:
-    """Share of images whose nearest other image of the same set (same mode) has their class."""
-    norms = (flat * flat).sum(1)
-    dist = norms[:, None] + norms[None] - 2.0 * flat @ flat.T
-    dist.fill_diagonal_(float("inf"))
-    return (classes[dist.argmin(1)] == classes).float().mean().item()
 
 
 def consistency(images: torch.Tensor, classes: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
                 means: torch.Tensor) -> dict[str, float]:
     flat = images.flatten(1)
-    out = {"self_nn": self_consistency(flat, classes)}
+    out = {"self_nn": (classes[nearest(flat, flat, exclude_self=True)] == classes).float().mean().item()}
+    want = attribute_targets(classes)
     for name, matched in (("nn", ref_labels[nearest(flat, ref)]), ("mean", nearest(flat, means))):
         out[f"{name}_accuracy"] = (matched == classes).float().mean().item()
+        right = (attribute_targets(matched) == want).float().mean(0)
         for i, attribute in enumerate(shapes.ATTRIBUTES):
-            got = torch.tensor([shapes.class_attributes(int(c))[i] for c in matched])
-            want = torch.tensor([shapes.class_attributes(int(c))[i] for c in classes])
-            out[f"{name}_{attribute}"] = (got == want).float().mean().item()
+            out[f"{name}_{attribute}"] = right[i].item()
     return out
 
 
@@ -175,7 +177,7 @@ def main() -> None:
         parser.error(f"--classes 1 to {shapes.NUM_CLASSES}, --per-class at least 2, --repeats at least 1")
 
     ref, ref_labels = reference(args.ref_per_class, args.data_seed)
-    means = torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
+    means = class_means(ref, ref_labels)
     n = args.classes * args.per_class
     print(f"{args.classes} classes x {args.per_class} images per mode and run; reference {args.ref_per_class} "
           f"real images per class (data seed {args.data_seed}); binomial std of an accuracy: at most "

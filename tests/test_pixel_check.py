@@ -9,7 +9,7 @@ from training import shapes
 
 def test_nearest_and_consistency_on_real_images():
     ref, ref_labels = pixel_check.reference(per_class=1, data_seed=7)
-    means = torch.stack([ref[ref_labels == c].mean(0) for c in range(shapes.NUM_CLASSES)])
+    means = pixel_check.class_means(ref, ref_labels)
     classes = torch.tensor([3, 3, 500, 500, 999, 999])
     # each class's reference image, twice: its own nearest reference and its twin are of its class
     images = ref[classes].view(-1, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
