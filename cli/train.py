@@ -174,7 +174,8 @@ def cmd_train_cca(args: argparse.Namespace) -> int:
 
 def _run_setup(args: argparse.Namespace) -> RunSetup:
     return RunSetup(grad_accum=args.grad_accum, strategy=args.strategy, precision=args.precision,
-                    ckpt_every=args.ckpt_every, resume=args.resume, device=args.device)
+                    ckpt_every=args.ckpt_every, resume=args.resume, device=args.device,
+                    snapshot_every=args.snapshot_every)
 
 
 def _add_run_setup_args(p: argparse.ArgumentParser) -> None:
@@ -188,6 +189,9 @@ def _add_run_setup_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--ckpt-every", type=int, default=0, help="steps between resumable checkpoints (train_state.pt)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt when present")
+    g.add_argument("--snapshot-every", type=int, default=0,
+                   help="also keep the weights every N steps (OUT/snapshots/step_NNNNN/), to choose a checkpoint "
+                        "on validation seeds")
     g.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available, one GPU per rank)")
 
 
@@ -278,7 +282,7 @@ VAR_RECIPE: dict[str, Any] = {
     # (docs/eval/default_var_base1.md); this base over lambda 100 / 1000 (the paper's VAR-d30 value)
     # at beta 0.05 and the paper's VAR beta 0.02 at lambda 100: validation FID 5.98 / 6.35 / 7.05,
     # accuracy 0.811 / 0.777 / 0.789 (docs/eval/default_var.md)
-    "sweep": [[100.0, 0.05], [1000.0, 0.05], [100.0, 0.02]],
+    "sweep": [[30.0, 0.05], [100.0, 0.05], [1000.0, 0.05], [100.0, 0.02]],
     # training noise: the shipped setting retrained with another data order (validation FID 5.99,
     # accuracy 0.798 against the shipped 5.98 / 0.811; docs/eval/default_var.md)
     "training_noise": [{"lam": 100.0, "beta": 0.05, "seed": 1}],

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cli import main
 from evaluation.inception import FIDInception, load_inception
-from samplers import save_pretrained
+from samplers import load_gpt, save_pretrained
 from tests.conftest import random_gpt
 from tests.server_util import write_tiny_models
 from tests.test_training import _tiny_codes
@@ -186,6 +186,20 @@ def test_training_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "train_state.pt").exists()  # finished: the model is the output
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [0, 4]  # every 10th step and the last, none twice after the resume
+
+
+def test_snapshots_are_the_weights_at_their_step(tmp_path):
+    """A snapshot at step k holds what a run stopped after k steps would return (constant lr, so the
+    schedule does not depend on the run's length); the final weights are not duplicated as one."""
+    ref, data = random_gpt(0), _tiny_codes()
+    args = CCATrainArgs(lam=10.0, beta=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, max_steps=5)
+    train_cca(tmp_path / "run", ref, data, args, progress=False, setup=RunSetup(snapshot_every=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step_00002", "step_00004"]
+    short = train_cca(None, ref, data, CCATrainArgs(**{**args.__dict__, "max_steps": 2}), progress=False)
+    snap = load_gpt(tmp_path / "run" / "snapshots" / "step_00002")
+    for (k, a), b in zip(short.state_dict().items(), snap.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert json.loads((tmp_path / "run" / "snapshots" / "step_00002" / "config.json").read_text())["step"] == 2
 
 
 def test_fid_command_on_adm_style_batches(tmp_path, capsys):

@@ -471,6 +471,9 @@ class RunSetup:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
     ckpt_every: int = 0  # steps between resumable checkpoints (train_state.pt in the output folder); 0: none
     resume: bool = False  # continue from train_state.pt when it exists
+    # steps between weight snapshots (OUT/snapshots/step_NNNNN/, loadable like the final model), so
+    # that a checkpoint along the run can be chosen on validation seeds; 0: only the final weights
+    snapshot_every: int = 0
     device: str | None = None  # None: CUDA (one GPU per rank) when available, else CPU
 
 
@@ -506,7 +509,6 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
                          f"{setup.grad_accum} micro-batches")
     if prepare is not None:
         prepare(env)
-    config = policy.config
     model = distributed.wrap(policy, env, setup.strategy)
     opt = _optimizer(model, lr, weight_decay)
     state_path = out_dir / "train_state.pt" if out_dir is not None else None
@@ -553,16 +555,17 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
         if state_path is not None and setup.ckpt_every and done % setup.ckpt_every == 0 and done < steps:
             distributed.save_train_state(state_path, env, model, opt, {
                 "step": done, "args": args, "rng": [g.get_state() for g in generators]})
+        if out_dir is not None and setup.snapshot_every and done % setup.snapshot_every == 0 and done < steps:
+            snapshot = _unwrapped(model, env, policy)  # collective under FSDP: every rank takes part
+            if snapshot is not None:
+                save_pretrained(snapshot, out_dir / "snapshots" / f"step_{done:05d}",
+                                extra={"train": args, "step": done})
 
     start = time.time()
     history = _run(name, steps, schedule, opt, model, step_fn, progress=progress and env.is_main,
                    start_step=start_step, after_step=after_step)
-    full = distributed.full_model_state(model)
-    trained = None
+    trained = _unwrapped(model, env, policy)
     if env.is_main:
-        trained = build_var(config, policy.vae) if isinstance(policy, VAR) else build_gpt(config)
-        trained.load_state_dict(full)
-        trained.eval().requires_grad_(False)
         if out_dir is not None:
             save_pretrained(trained, out_dir, extra={"train": args})
             _write_log(out_dir, name.removeprefix("train "), {**args, "world_size": env.world_size, **asdict(setup)},
@@ -571,6 +574,17 @@ def _fit(name: str, policy: GPT, data: CodeData, *, batch_size: int, seed: int, 
                 state_path.unlink()  # finished: the model is in model.safetensors
     distributed.barrier(env)
     return trained
+
+
+def _unwrapped(model: torch.nn.Module, env: distributed.DistEnv, policy: GPT) -> GPT | None:
+    """A plain fp32 copy of the (possibly wrapped or sharded) model in eval mode, on rank 0; None
+    elsewhere."""
+    full = distributed.full_model_state(model)
+    if not env.is_main:
+        return None
+    copy_ = build_var(policy.config, policy.vae) if isinstance(policy, VAR) else build_gpt(policy.config)
+    copy_.load_state_dict(full)
+    return copy_.eval().requires_grad_(False)
 
 
 def _nanmean(values: list[float]) -> float:
