@@ -38,6 +38,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     independent seed sets, reported as mean and std, with the share of CFG's gain that CCA closes."""
     if args.add_to:
         return cmd_eval_add(args)
+    if args.rescore_shipped:
+        raise ValueError("--rescore-shipped rescores an earlier report: give it with --add-to REPORT.json")
     pipe = pipeline_from_args(args)
     net = load_evalnet_for(args.model, args.evalnet)
     ref = evaluate.reference_stats(net, args.n_ref, progress=not args.quiet)
@@ -192,12 +194,33 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     before = len(entries)
 
     run = _runner(pipe, net, ref, opts, entries, n=report["n_val"], n_val=report["n_val"], quiet=args.quiet)
+    if args.rescore_shipped:
+        _rescore_shipped(run, report, report["n"])
+        before = len(entries)
     _score_fine_tunes(run, pipe, args.work, entries)
     report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
                                            "command": "ccaserve " + " ".join(args.argv),
-                                           "models": [e["model"] for e in entries[before:]]})
+                                           "models": [e["model"] for e in entries[before:]],
+                                           **({"rescored": "cca (shipped)"} if args.rescore_shipped else {})})
     _write_report(report, path.parent, path.stem)
     return 0
+
+
+def _rescore_shipped(run: Any, report: dict[str, Any], n: int) -> None:
+    """The shipped cca model changed and nothing else did: score it again on the report's validation
+    seeds and on each of its test seed sets, in place of its old rows (kept under ``replaced``), and
+    redo the test summary. The other modes' rows stay valid: same base, same seeds, same settings."""
+    entries = report["entries"]
+    old = [(i, e) for i, e in enumerate(entries) if e["sweep"] == "cca (shipped)"]
+    if not old:
+        raise ValueError("the report has no rows of the shipped cca model to rescore")
+    for i, e in old:
+        size = report["n_val"] if e["split"] == "validation" else n
+        new = run(e["split"], "cca", e["sweep"], e["model"], seed_set=e["seed_set"], n=size)
+        entries.pop()  # run() appends; the new row takes the old one's place
+        entries[i] = new
+    report.setdefault("replaced", []).append({"date": time.strftime("%Y-%m-%d"), "entries": [e for _, e in old]})
+    report["test"] = evaluate.test_summary([e for e in entries if e["split"] == "test"])
 
 
 # ---- contrast ------------------------------------------------------------------------------
@@ -273,6 +296,12 @@ def _eval_markdown(report: dict[str, Any]) -> str:
                   "seeds): "
                   + ", ".join(f"{s['model']}: FID {s['fid']:.2f}, accuracy {s['accuracy']:.3f}" for s in seeds), ""]
     for added in report.get("added", []):
+        if added.get("rescored"):
+            lines += [f"The shipped cca model was replaced and its rows rescored ({added['date']}), by "
+                      f"`{added['command']}`: validation and test rows of {added['rescored']} (the old rows are "
+                      "kept under `replaced` in the JSON)"
+                      + (f"; validation rows added: {', '.join(added['models'])}" if added["models"] else "") + ".", ""]
+            continue
         lines += [f"Validation rows added later ({added['date']}), by `{added['command']}`: "
                   + (", ".join(added["models"]) or "none") + ".", ""]
     lines += ["## Validation split: every setting", "",
@@ -332,6 +361,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-to", default=None, metavar="REPORT.json",
                    help="only score the fine-tunes in --work that this earlier report lacks, on its validation "
                         "seeds and settings, and rewrite it (json, md, plot); its test split is kept")
+    p.add_argument("--rescore-shipped", action="store_true",
+                   help="with --add-to: the shipped cca model changed (nothing else did); score it again on the "
+                        "report's validation and test seeds in place of its old rows, which are kept under 'replaced'")
     add_sampling_args(p, guidance=False)
     add_model_args(p)
     p.set_defaults(func=cmd_eval)

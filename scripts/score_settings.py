@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--cca", default=None, help="fine-tune folder to use as the cca model")
     ap.add_argument("--setting", action="append", required=True, type=parse_setting,
                     help="mode[:s=SCALE][:T=TEMPERATURE][:k=TOP_K]; repeatable")
-    ap.add_argument("--n", type=int, default=2000, help="validation images per setting")
+    ap.add_argument("--n", type=int, default=2000, help="images per setting")
+    ap.add_argument("--split", choices=["validation", "test"], default="validation",
+                    help="seed split: validation for choices; test only for a setting already chosen")
+    ap.add_argument("--seed-set", type=int, default=0, help="test seed set (as `ccaserve eval --test-repeats`)")
     ap.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference")
     ap.add_argument("--out", required=True, help="JSON-lines file the scores are appended to")
     ap.add_argument("--threads", type=int, default=None)
@@ -57,11 +60,12 @@ def main() -> None:
         pipe.models["cca"] = load_tuned(args.cca, pipe)
     net = load_evalnet_for(args.model)
     ref = evaluate.reference_stats(net, args.n_ref, progress=False)
-    seed_base = evaluate.split_seed_base("validation")
+    seed_base = evaluate.split_seed_base(args.split, args.seed_set)
     for mode, options in args.setting:
         start = time.perf_counter()
         row = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, seed_base=seed_base, progress=False, **options)
-        row.update(model=pipe.name, cca=args.cca, wall_s=round(time.perf_counter() - start, 1))
+        row.update(model=pipe.name, cca=args.cca, split=args.split, seed_set=args.seed_set,
+                   wall_s=round(time.perf_counter() - start, 1))
         line = json.dumps(row)
         print(line, flush=True)
         with Path(args.out).open("a") as f:

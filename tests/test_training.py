@@ -300,9 +300,13 @@ def test_train_all_quick_then_eval(tmp_path):
         ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "hard negatives (cca)"),
         ("cca", "training seed (cca)"), ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
     assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
-    # the sweep's lambda=30 beta=0.05 model is the shipped one: same samples, same numbers
-    shipped, swept = val[3], val[5]
-    assert (shipped["fid"], shipped["accuracy"]) == (swept["fid"], swept["accuracy"])
+    # the shipped model is the sweep's lambda=30 beta=0.05 run at its chosen step (2 of 3), in fp16
+    snapshot = load_gpt(work / "cca_lam30_beta0.05" / "snapshots" / "step_00002").state_dict()
+    shipped_weights = load_gpt(out / "cca_gpt").state_dict()
+    assert all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in snapshot.items())
+    assert json.loads((out / "cca_gpt" / "config.json").read_text())["step"] == 2
+    final = load_gpt(work / "cca_lam30_beta0.05").state_dict()
+    assert not all(torch.equal(v, shipped_weights[k]) for k, v in final.items())
     assert (val[6]["negatives_within"], val[6]["setting"]) == ("colour", "λ=30 β=0.05 within colour")
     assert ((work / "cca_lam30_beta0.05_negcolour" / "model.safetensors").read_bytes()   # other pairs,
             != (work / "cca_lam30_beta0.05" / "model.safetensors").read_bytes())        # other weights
@@ -346,6 +350,24 @@ def test_train_all_quick_then_eval(tmp_path):
                                      for e, a in zip(dropped, added["entries"][-2:], strict=True)]
     assert added["test"] == report["test"] and added["added"][0]["models"] == [e["model"] for e in dropped]
     assert main(["eval", "--add-to", str(ev / "default.json"), *model_args, "--temperature", "0.5"]) == 2
+
+    # another shipped cca model (here the sweep's final weights): --rescore-shipped redoes its validation
+    # and test rows in place, keeps the old ones under "replaced", and leaves every other row as it was
+    other = [a if a != str(out / "cca_gpt") else str(work / "cca_lam30_beta0.05") for a in model_args]
+    assert main(["eval", "--add-to", str(ev / "default.json"), "--rescore-shipped", *other]) == 0
+    rescored = json.loads((ev / "default.json").read_text())
+    was, now = added["entries"], rescored["entries"]
+    assert len(now) == len(was)
+    changed = [i for i, (a, b) in enumerate(zip(was, now, strict=True)) if a["sweep"] == "cca (shipped)"]
+    assert len(changed) == 3 and all(now[i]["seed_base"] == was[i]["seed_base"] for i in changed)
+    assert all(a == {**b, "sample_seconds": a["sample_seconds"]} for i, (a, b) in enumerate(zip(now, was, strict=True))
+               if i not in changed)
+    assert rescored["replaced"][0]["entries"] == [was[i] for i in changed]
+    sweep_final = next(e for e in now if e["model"] == "cca λ=30 β=0.05")  # the same weights, the same row
+    assert (now[changed[0]]["fid"], now[changed[0]]["accuracy"]) == (sweep_final["fid"], sweep_final["accuracy"])
+    assert rescored["test"]["modes"]["cca"]["fid"]["mean"] == pytest.approx(
+        sum(now[i]["fid"] for i in changed[1:]) / 2, abs=1e-3)
+    assert "rescored" in (ev / "default.md").read_text()
 
 
 def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
