@@ -194,9 +194,9 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     before = len(entries)
 
     run = _runner(pipe, net, ref, opts, entries, n=report["n_val"], n_val=report["n_val"], quiet=args.quiet)
-    if args.rescore_shipped:
-        _rescore_shipped(run, report, report["n"])
-        before = len(entries)
+    if args.rescore_shipped:  # its rows go where the old ones were, not to the end
+        _rescore_shipped(_runner(pipe, net, ref, opts, [], n=report["n"], n_val=report["n_val"], quiet=args.quiet),
+                         report)
     _score_fine_tunes(run, pipe, args.work, entries)
     report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
                                            "command": "ccaserve " + " ".join(args.argv),
@@ -206,7 +206,7 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rescore_shipped(run: Any, report: dict[str, Any], n: int) -> None:
+def _rescore_shipped(run: Any, report: dict[str, Any]) -> None:
     """The shipped cca model changed and nothing else did: score it again on the report's validation
     seeds and on each of its test seed sets, in place of its old rows (kept under ``replaced``), and
     redo the test summary. The other modes' rows stay valid: same base, same seeds, same settings."""
@@ -214,11 +214,9 @@ def _rescore_shipped(run: Any, report: dict[str, Any], n: int) -> None:
     old = [(i, e) for i, e in enumerate(entries) if e["sweep"] == "cca (shipped)"]
     if not old:
         raise ValueError("the report has no rows of the shipped cca model to rescore")
-    for i, e in old:
-        size = report["n_val"] if e["split"] == "validation" else n
-        new = run(e["split"], "cca", e["sweep"], e["model"], seed_set=e["seed_set"], n=size)
-        entries.pop()  # run() appends; the new row takes the old one's place
-        entries[i] = new
+    for i, e in old:  # n=None: the validation size; else the runner's test size
+        size = {"n": None} if e["split"] == "validation" else {}
+        entries[i] = run(e["split"], "cca", e["sweep"], e["model"], seed_set=e["seed_set"], **size)
     report.setdefault("replaced", []).append({"date": time.strftime("%Y-%m-%d"), "entries": [e for _, e in old]})
     report["test"] = evaluate.test_summary([e for e in entries if e["split"] == "test"])
 

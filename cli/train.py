@@ -398,19 +398,19 @@ def _fine_tunes(stages: _Stages, ref: torch.nn.Module, codes: CodeData, work: Pa
         is_shipped = loss == "cca" and (lam, beta) == shipped and not seed and not within
         ship_step = recipe.get("cca_ship_step") if is_shipped else None
         snapshot = folder / "snapshots" / f"step_{ship_step:05d}" if ship_step else None
-        if not stages.start(name, _done(folder) and (snapshot is None or _done(snapshot))):
-            if is_shipped and snapshot is not None and _done(snapshot):
+        kept = _done(folder) and (snapshot is None or _done(snapshot))
+        trained = stages.start(name, kept)
+        if trained:
+            cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed,
+                                                  "negatives_within": within})
+            _tune(stages, ref, codes, folder, cca_args, None, snapshot_every=ship_step or 0)
+        if is_shipped and (trained or kept):  # kept: e.g. trained as part of the sweep
+            if snapshot is not None:
                 _ship_snapshot(snapshot, ship_as)
-            elif is_shipped and _done(folder):  # e.g. trained as part of the sweep
+            else:
                 _copy_weights(folder, ship_as)
-            continue
-        cca_args = CCATrainArgs(loss=loss, **{**recipe["cca"], "lam": lam, "beta": beta, "seed": seed,
-                                              "negatives_within": within})
-        _tune(stages, ref, codes, folder, cca_args, ship_as if is_shipped and snapshot is None else None,
-              snapshot_every=ship_step or 0)
-        if snapshot is not None:
-            _ship_snapshot(snapshot, ship_as)
-        stages.done(name)
+        if trained:
+            stages.done(name)
 
 
 def _tune(stages: _Stages, ref: torch.nn.Module, codes: CodeData, folder: Path, cca_args: CCATrainArgs,
@@ -423,7 +423,8 @@ def _tune(stages: _Stages, ref: torch.nn.Module, codes: CodeData, folder: Path, 
 
 
 def _ship_snapshot(snapshot: Path, ship_as: Path) -> None:
-    """Ship a fine-tune's snapshot (fp32, from ``--snapshot-every``) in fp16, with its step."""
+    """Ship a GPT fine-tune's snapshot (fp32, from ``--snapshot-every``) in fp16, with its step. (The VAR
+    recipe ships its final weights: it sets no ``cca_ship_step``.)"""
     meta = json.loads((snapshot / "config.json").read_text())
     save_pretrained(_half(load_gpt(snapshot)), ship_as, extra={"train": meta["train"], "step": meta["step"]})
 

@@ -27,19 +27,12 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every snapshot and of the final weights, in training order."""
     found = [(int(d.name.removeprefix("step_")), d) for d in sorted((run / "snapshots").glob("step_*"))
              if (d / "config.json").exists()]
-    if (run / "config.json").exists():
-        final = json.loads((run / "config.json").read_text())
-        found.append((_final_step(run, final), run))
+    log = run / "train_log.jsonl"  # its last line is the last step (0-based)
+    if (run / "config.json").exists() and log.exists():
+        found.append((json.loads(log.read_text().splitlines()[-1])["step"] + 1, run))
     if not found:
-        raise SystemExit(f"{run} has no snapshots and no final weights")
+        raise SystemExit(f"{run} has no snapshots and no finished run with its train_log.jsonl")
     return found
-
-
-def _final_step(run: Path, config: dict[str, Any]) -> int:
-    log = run / "train_log.jsonl"
-    if log.exists():
-        return json.loads(log.read_text().splitlines()[-1])["step"] + 1
-    return int(config.get("step", 0))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
