@@ -201,9 +201,31 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
                                            "command": "ccaserve " + " ".join(args.argv),
                                            "models": [e["model"] for e in entries[before:]],
-                                           **({"rescored": "cca (shipped)"} if args.rescore_shipped else {})})
+                                           **({"rescored": "cca (shipped)", "shipped": _shipped_cca(args)}
+                                              if args.rescore_shipped else {})})
     _write_report(report, path.parent, path.stem)
     return 0
+
+
+def _shipped_cca(args: argparse.Namespace) -> str:
+    """What the shipped cca model is, from its config.json: the fine-tune's setting, the step it was
+    taken at and its extrapolation, so a report's rescore records say which model each one scored."""
+    if args.cca_ckpt:
+        folder = Path(args.cca_ckpt)
+    else:
+        entry = Registry().get(args.model)
+        folder = entry.weights_dir / entry.parts["cca_gpt"].get("path", "")
+    config = folder / "config.json" if folder.is_dir() else None
+    if config is None or not config.exists():
+        return str(folder)
+    meta = json.loads(config.read_text())
+    train = meta.get("train", {})
+    text = f"λ {train['lam']:g}, β {train['beta']:g}" if "lam" in train and "beta" in train else folder.name
+    if "step" in meta:
+        text += f", step {meta['step']}"
+    if "extrapolation" in meta:
+        text += f", extrapolated ×{meta['extrapolation']['alpha']:g} along its update"
+    return text
 
 
 def _rescore_shipped(run: Any, report: dict[str, Any]) -> None:
@@ -295,7 +317,9 @@ def _eval_markdown(report: dict[str, Any]) -> str:
                   + ", ".join(f"{s['model']}: FID {s['fid']:.2f}, accuracy {s['accuracy']:.3f}" for s in seeds), ""]
     for added in report.get("added", []):
         if added.get("rescored"):
-            lines += [f"The shipped cca model was replaced and its rows rescored ({added['date']}), by "
+            lines += ["The shipped cca model was replaced"
+                      + (f" ({added['shipped']})" if added.get("shipped") else "")
+                      + f" and its rows rescored ({added['date']}), by "
                       f"`{added['command']}`: validation and test rows of {added['rescored']} (the old rows are "
                       "kept under `replaced` in the JSON)"
                       + (f"; validation rows added: {', '.join(added['models'])}" if added["models"] else "") + ".", ""]

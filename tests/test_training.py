@@ -13,6 +13,7 @@ from samplers import load_gpt
 from samplers.pipeline import Pipeline
 from tests.conftest import TINY_GPT, random_gpt
 from training import shapes
+from training.extrapolation import extrapolate
 from training.losses import contrastive_pairs, preference_loss, sequence_logprob
 from training.trainers import (
     CCATrainArgs,
@@ -300,11 +301,15 @@ def test_train_all_quick_then_eval(tmp_path):
         ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "hard negatives (cca)"),
         ("cca", "training seed (cca)"), ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
     assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
-    # the shipped model is the sweep's lambda=30 beta=0.05 run at its chosen step (2 of 3), in fp16
-    snapshot = load_gpt(work / "cca_lam30_beta0.05" / "snapshots" / "step_00002").state_dict()
+    # the shipped model is the sweep's lambda=30 beta=0.05 run at its chosen step (2 of 3), extrapolated
+    # along its update from the fp16 base it started from, in fp16
+    snapshot = load_gpt(work / "cca_lam30_beta0.05" / "snapshots" / "step_00002")
     shipped_weights = load_gpt(out / "cca_gpt").state_dict()
-    assert all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in snapshot.items())
-    assert json.loads((out / "cca_gpt" / "config.json").read_text())["step"] == 2
+    expected = extrapolate(load_gpt(out / "gpt"), snapshot, 1.25).state_dict()
+    assert all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in expected.items())
+    assert not all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in snapshot.state_dict().items())
+    meta = json.loads((out / "cca_gpt" / "config.json").read_text())
+    assert meta["step"] == 2 and meta["extrapolation"]["alpha"] == 1.25
     final = load_gpt(work / "cca_lam30_beta0.05").state_dict()
     assert not all(torch.equal(v, shipped_weights[k]) for k, v in final.items())
     assert (val[6]["negatives_within"], val[6]["setting"]) == ("colour", "λ=30 β=0.05 within colour")
@@ -368,6 +373,7 @@ def test_train_all_quick_then_eval(tmp_path):
     assert rescored["test"]["modes"]["cca"]["fid"]["mean"] == pytest.approx(
         sum(now[i]["fid"] for i in changed[1:]) / 2, abs=1e-3)
     assert "rescored" in (ev / "default.md").read_text()
+    assert rescored["added"][-1]["shipped"] == "λ 30, β 0.05"  # what the rescored model is, from its config
 
 
 def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
