@@ -183,7 +183,8 @@ def cmd_train_extrapolate(args: argparse.Namespace) -> int:
         model = extrapolate(ref, tuned, args.alpha)
     except ValueError as e:
         raise SystemExit(f"ccaserve train extrapolate: {e}") from None
-    meta = json.loads((Path(args.tuned) / "config.json").read_text())
+    config = Path(args.tuned) / "config.json"  # absent for a LlamaGen .pt / VAR .pth
+    meta = json.loads(config.read_text()) if config.exists() else {}
     save_pretrained(model, args.out, extra={**{k: meta[k] for k in ("train", "step") if k in meta},
                                             "extrapolation": {"alpha": args.alpha, "ref": str(args.ref)}})
     print(f"wrote {args.out}: {args.ref} + {args.alpha:g} x ({args.tuned} - {args.ref})")

@@ -17,11 +17,12 @@ import torch
 
 
 def extrapolate(ref: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> torch.nn.Module:
-    """A copy of ``tuned`` with every floating-point tensor at ``ref + alpha * (tuned - ref)``.
+    """A copy of ``tuned`` with every parameter at ``ref + alpha * (tuned - ref)``.
 
     The sum is taken in float64 and rounded once to the tuned tensor's dtype, so the result does not
-    depend on the order of operations. Integer buffers (index tables) must be equal in both models:
-    they are not weights, and differing ones mean the two are not the same architecture.
+    depend on the order of operations. Buffers (index tables, rotary tables, VAR's -inf attention
+    mask, where the formula would give NaN) are not weights: they must be equal in both models, and
+    differing ones mean the two are not the same architecture.
     """
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha}")
@@ -29,12 +30,13 @@ def extrapolate(ref: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> t
     if ref_state.keys() != tuned_state.keys():
         missing = sorted(ref_state.keys() ^ tuned_state.keys())
         raise ValueError(f"ref and tuned are different models: keys only in one of them: {missing[:5]}")
+    weights = {name for name, _ in tuned.named_parameters()}
     out_state = {}
     for key, t in tuned_state.items():
         r = ref_state[key]
         if r.shape != t.shape:
             raise ValueError(f"ref and tuned differ in the shape of {key}: {tuple(r.shape)} against {tuple(t.shape)}")
-        if not t.is_floating_point():
+        if key not in weights:
             if not torch.equal(r, t):
                 raise ValueError(f"ref and tuned differ in the non-weight tensor {key}")
             out_state[key] = t
