@@ -194,15 +194,16 @@ def cmd_eval_add(args: argparse.Namespace) -> int:
     before = len(entries)
 
     run = _runner(pipe, net, ref, opts, entries, n=report["n_val"], n_val=report["n_val"], quiet=args.quiet)
+    rescored = None
     if args.rescore_shipped:  # its rows go where the old ones were, not to the end
-        _rescore_shipped(_runner(pipe, net, ref, opts, [], n=report["n"], n_val=report["n_val"], quiet=args.quiet),
-                         report)
+        rescored = _rescore_shipped(_runner(pipe, net, ref, opts, [], n=report["n"], n_val=report["n_val"],
+                                            quiet=args.quiet), report)
     _score_fine_tunes(run, pipe, args.work, entries)
     report.setdefault("added", []).append({"date": time.strftime("%Y-%m-%d"),
                                            "command": "ccaserve " + " ".join(args.argv),
                                            "models": [e["model"] for e in entries[before:]],
-                                           **({"rescored": "cca (shipped)", "shipped": _shipped_cca(args)}
-                                              if args.rescore_shipped else {})})
+                                           **({"rescored": rescored, "shipped": _shipped_cca(args)}
+                                              if rescored else {})})
     _write_report(report, path.parent, path.stem)
     return 0
 
@@ -228,19 +229,34 @@ def _shipped_cca(args: argparse.Namespace) -> str:
     return text
 
 
-def _rescore_shipped(run: Any, report: dict[str, Any]) -> None:
+def _rescore_shipped(run: Any, report: dict[str, Any]) -> str:
     """The shipped cca model changed and nothing else did: score it again on the report's validation
     seeds and on each of its test seed sets, in place of its old rows (kept under ``replaced``), and
-    redo the test summary. The other modes' rows stay valid: same base, same seeds, same settings."""
+    redo the test summary. Where the cca+cfg mode guides that same model (no separate cca+cfg
+    fine-tune, as for the VAR), its rows are redone too and its scale is chosen again on validation.
+    The other rows stay valid: same base, same seeds, same settings. Returns what was rescored."""
     entries = report["entries"]
-    old = [(i, e) for i, e in enumerate(entries) if e["sweep"] == "cca (shipped)"]
-    if not old:
+
+    def guides_shipped(e: dict[str, Any]) -> bool:
+        return e["mode"] == "cca+cfg" and e["model"] == "cca"
+
+    old = [(i, e) for i, e in enumerate(entries) if e["sweep"] == "cca (shipped)" or guides_shipped(e)]
+    if not any(e["sweep"] == "cca (shipped)" for _, e in old):
         raise ValueError("the report has no rows of the shipped cca model to rescore")
-    for i, e in old:  # n=None: the validation size; else the runner's test size
-        size = {"n": None} if e["split"] == "validation" else {}
-        entries[i] = run(e["split"], "cca", e["sweep"], e["model"], seed_set=e["seed_set"], **size)
+    for i, e in old:  # validation first: it chooses the cca+cfg scale the test rows use
+        if e["split"] == "validation":
+            scale = {"cfg_scale": e["cfg_scale"]} if guides_shipped(e) else {}
+            entries[i] = run("validation", e["mode"], e["sweep"], e["model"], seed_set=e["seed_set"], n=None, **scale)
+    guided = [entries[i] for i, e in old if guides_shipped(e) and e["split"] == "validation"]
+    if guided:
+        report["chosen_on_validation"]["cca_cfg_scale"] = min(guided, key=lambda e: e["fid"])["cfg_scale"]
+    for i, e in old:  # n: the runner's test size
+        if e["split"] == "test":
+            scale = {"cfg_scale": report["chosen_on_validation"]["cca_cfg_scale"]} if guides_shipped(e) else {}
+            entries[i] = run("test", e["mode"], e["sweep"], e["model"], seed_set=e["seed_set"], **scale)
     report.setdefault("replaced", []).append({"date": time.strftime("%Y-%m-%d"), "entries": [e for _, e in old]})
     report["test"] = evaluate.test_summary([e for e in entries if e["split"] == "test"])
+    return "cca (shipped)" + (" and cca+cfg, which guides it" if guided else "")
 
 
 # ---- contrast ------------------------------------------------------------------------------

@@ -317,6 +317,11 @@ VAR_RECIPE: dict[str, Any] = {
     # at beta 0.05 and the paper's VAR beta 0.02 at lambda 100: validation FID 5.98 / 6.35 / 7.05,
     # accuracy 0.811 / 0.777 / 0.789 (docs/eval/default_var.md)
     "sweep": [[30.0, 0.05], [100.0, 0.05], [1000.0, 0.05], [100.0, 0.02]],
+    # the shipped guidance-free VAR is that fine-tune extrapolated along its update, base + 1.25 x (tuned -
+    # base) (training/extrapolation.py), chosen on the validation seeds (n = 5000) among alpha 1 / 1.25 /
+    # 1.5 / 1.75: FID 6.21 / 5.68 / 5.97 / 6.19, accuracy 0.795 / 0.807 / 0.804 / 0.796
+    # (docs/eval/README.md, "Extrapolating the VAR's fine-tune")
+    "cca_ship_alpha": 1.25,
     # training noise: the shipped setting retrained with another data order (validation FID 5.99,
     # accuracy 0.798 against the shipped 5.98 / 0.811; docs/eval/default_var.md)
     "training_noise": [{"lam": 100.0, "beta": 0.05, "seed": 1}],
@@ -448,17 +453,17 @@ def _tune(stages: _Stages, ref: torch.nn.Module, codes: CodeData, folder: Path, 
 
 def _ship_cca(source: Path, ship_as: Path, ref: torch.nn.Module, alpha: float | None) -> None:
     """Ship the cca fine-tune (its final weights, or the recipe's snapshot) in fp16, extrapolated to
-    ``ref + alpha * (tuned - ref)`` when the recipe sets ``alpha``. (Only the GPT recipe chooses a
-    snapshot or an alpha; the VAR recipe ships its final weights as they are.)"""
+    ``base + alpha * (tuned - base)`` when the recipe sets ``alpha``. ``base`` is ``ref`` rounded to
+    fp16, the shipped base, so that the step can be redone from weights/ alone."""
     meta = json.loads((source / "config.json").read_text())
     if alpha is None and "step" not in meta:  # the final weights, already fp16
         _copy_weights(source, ship_as)
         return
-    model = load_gpt(source)
+    model = load_var(source, ref.vae) if isinstance(ref, VAR) else load_gpt(source)
     extra = {k: meta[k] for k in ("train", "step") if k in meta}
     if alpha is not None:
-        model = extrapolate(ref, model, alpha)
-        extra["extrapolation"] = {"alpha": alpha, "ref": "the shipped base (gpt), as the fine-tune started from"}
+        model = extrapolate(_half(copy.deepcopy(ref)).float(), model, alpha)
+        extra["extrapolation"] = {"alpha": alpha, "ref": "the shipped base, in fp16"}
     save_pretrained(_half(model), ship_as, extra=extra)
 
 

@@ -375,6 +375,32 @@ def test_train_all_quick_then_eval(tmp_path):
     assert "rescored" in (ev / "default.md").read_text()
     assert rescored["added"][-1]["shipped"] == "λ 30, β 0.05"  # what the rescored model is, from its config
 
+    # without its own cca+cfg fine-tune (as the VAR), cca+cfg guides the shipped cca model: a rescore
+    # redoes those rows too and chooses their scale again on the validation seeds
+    base_args = ["--gpt-ckpt", str(out / "gpt"), "--vq-ckpt", str(out / "vq"), "--evalnet", str(out / "evalnet"),
+                 "--work", str(tmp_path / "none"), "--quiet", "--device", "cpu"]
+    ev2 = tmp_path / "eval2"
+    assert main(["eval", *base_args, "--cca-ckpt", str(out / "cca_gpt"), "--n", "20", "--n-val", "20",
+                 "--test-repeats", "1", "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2,3",
+                 "--out", str(ev2)]) == 0
+    before = json.loads((ev2 / "default.json").read_text())
+    assert main(["eval", "--add-to", str(ev2 / "default.json"), "--rescore-shipped", *base_args,
+                 "--cca-ckpt", str(work / "cca_lam30_beta0.05")]) == 0
+    after = json.loads((ev2 / "default.json").read_text())
+    guided = [(a, b) for a, b in zip(before["entries"], after["entries"], strict=True) if a["mode"] == "cca+cfg"]
+    assert len(guided) == 3 and all(a["model"] == b["model"] == "cca" for a, b in guided)
+    fresh_args = [*base_args, "--cca-ckpt", str(work / "cca_lam30_beta0.05"), "--n", "20", "--n-val", "20",
+                  "--test-repeats", "1", "--n-ref", "60", "--cfg-scales", "2", "--cca-cfg-scales", "2,3"]
+    assert main(["eval", *fresh_args, "--out", str(tmp_path / "eval3")]) == 0  # the same rows from scratch
+    fresh = [e for e in json.loads((tmp_path / "eval3" / "default.json").read_text())["entries"]
+             if e["mode"] == "cca+cfg"]
+    assert [(e["fid"], e["accuracy"], e["cfg_scale"]) for e in fresh] == [
+        (b["fid"], b["accuracy"], b["cfg_scale"]) for _, b in guided]
+    assert len(after["replaced"][0]["entries"]) == 5  # cca and cca+cfg: validation (1 + 2) and test (1 + 1)
+    chosen = min((b for _, b in guided if b["split"] == "validation"), key=lambda e: e["fid"])["cfg_scale"]
+    assert after["chosen_on_validation"]["cca_cfg_scale"] == chosen == guided[-1][1]["cfg_scale"]
+    assert after["added"][-1]["rescored"] == "cca (shipped) and cca+cfg, which guides it"
+
 
 def test_train_all_resume_mid_stage_gives_the_same_weights(tmp_path):
     """A stopped `train all` picks up inside a stage from its last checkpoint and ends with the

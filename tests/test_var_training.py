@@ -12,6 +12,7 @@ import samplers
 from samplers import load_var, load_var_vae, save_pretrained
 from tests.conftest import GOLDEN
 from tests.test_distributed import _ccaserve, _run, _torchrun
+from training.extrapolation import extrapolate
 from training.losses import contrastive_pairs, preference_loss, sequence_logprob, teacher_inputs
 from training.trainers import CCATrainArgs, CodeData, extract_codes, extract_var_codes, train_cca
 
@@ -204,9 +205,15 @@ def test_train_all_builds_the_small_var_family(tmp_path):
                                                          variant_name("cca", lam, beta, 0, "colour"),
                                                          variant_name("dpo", lam, beta, 0),
                                                          variant_name("unlearn", lam, beta, 0)}
+    # the shipped model is that fine-tune extrapolated along its update from the fp16 base, in fp16
     shipped = out_var / "cca_var" / "model.safetensors"
-    assert shipped.read_bytes() == (work_var / tuned / "model.safetensors").read_bytes()
     vae = load_var_vae(out_var / "vae")
+    alpha = VAR_RECIPE["cca_ship_alpha"]
+    expected = extrapolate(load_var(out_var / "var", vae), load_var(work_var / tuned, vae), alpha)
+    shipped_weights = load_var(out_var / "cca_var", vae).state_dict()
+    assert all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in expected.state_dict().items())
+    shipped_bytes = shipped.read_bytes()
+    assert shipped_bytes != (work_var / tuned / "model.safetensors").read_bytes()
     pipe = Pipeline(load_var(out_var / "var", vae), vae, cca_gpt=load_var(out_var / "cca_var", vae))
     for mode in ("free", "cfg", "cca", "cca+cfg"):
         assert pipe.sample_images([207], mode, [0]).shape == (1, 3, 32, 32)
@@ -216,7 +223,7 @@ def test_train_all_builds_the_small_var_family(tmp_path):
     # --resume keeps every finished stage; --only runs the named one (a VAR stage: var_*)
     assert main(["train", "all", "--quick", "--family", "var", "--resume", "--out", str(out),
                  "--work", str(work)]) == 0
-    assert shipped.read_bytes() == (work_var / tuned / "model.safetensors").read_bytes()
+    assert shipped.read_bytes() == shipped_bytes
     # a fine-tune redone on a kept base needs the fine-tunes' codes, not the base's fresh images
     dpo = work_var / variant_name("dpo", lam, beta, 0)
     dpo_bytes = (dpo / "model.safetensors").read_bytes()
