@@ -153,13 +153,21 @@ def cca_args_from(args: argparse.Namespace, ref: torch.nn.Module) -> tuple[CCATr
     return CCATrainArgs(loss=args.loss, seed=args.seed, max_steps=args.max_steps, **settings), line
 
 
+def load_transformer(path: str, flag: str, vae: torch.nn.Module | None, gpt_model: str | None = None,
+                     image_size: int | None = None) -> torch.nn.Module:
+    """The checkpoint given as ``flag``: a LlamaGen GPT, or a VAR (which needs ``vae``, its loaded
+    VQVAE from --vae), told apart by its keys."""
+    if checkpoint_kind(read_checkpoint(path)[0]) == "var":
+        if vae is None:
+            raise SystemExit(f"error: {flag} is a VAR transformer: give its VQVAE with --vae")
+        return load_var(path, vae)
+    return load_gpt(path, gpt_model, image_size)
+
+
 def load_reference(args: argparse.Namespace) -> torch.nn.Module:
-    """--ref: a LlamaGen GPT, or a VAR (which needs --vae), told apart by its keys."""
-    if checkpoint_kind(read_checkpoint(args.ref)[0]) == "var":
-        if not args.vae:
-            raise SystemExit("error: --ref is a VAR transformer: give its VQVAE with --vae")
-        return load_var(args.ref, load_var_vae(args.vae))
-    return load_gpt(args.ref, args.gpt_model, args.image_size)
+    """--ref: a LlamaGen GPT, or a VAR (which needs --vae)."""
+    vae = load_var_vae(args.vae) if args.vae else None
+    return load_transformer(args.ref, "--ref", vae, args.gpt_model, args.image_size)
 
 
 def cmd_train_cca(args: argparse.Namespace) -> int:
@@ -174,11 +182,8 @@ def cmd_train_cca(args: argparse.Namespace) -> int:
 
 
 def cmd_train_extrapolate(args: argparse.Namespace) -> int:
-    if args.vae:
-        vae = load_var_vae(args.vae)
-        ref, tuned = load_var(args.ref, vae), load_var(args.tuned, vae)
-    else:
-        ref, tuned = load_gpt(args.ref), load_gpt(args.tuned)
+    vae = load_var_vae(args.vae) if args.vae else None  # one VQVAE for both VAR transformers
+    ref, tuned = load_transformer(args.ref, "--ref", vae), load_transformer(args.tuned, "--tuned", vae)
     try:
         model = extrapolate(ref, tuned, args.alpha)
     except ValueError as e:

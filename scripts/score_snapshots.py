@@ -99,7 +99,9 @@ def main() -> None:
     net = load_evalnet_for(args.model)
     ref = evaluate.reference_stats(net, args.n_ref, progress=False)
     seed_base = evaluate.split_seed_base("validation")
+    # --alphas: the base and the one fine-tune, loaded once for every alpha
     base = load_tuned(str(args.ref), pipe) if args.alphas else None
+    run_model = load_tuned(str(args.run), pipe) if args.alphas else None
     for mode, options, at, folder in todo:
         name = str(folder) if folder else None
         if args.alphas and folder:
@@ -107,8 +109,12 @@ def main() -> None:
         key = (mode, name, pipe.options_for(mode, **options).cfg_scale, args.n)
         if key in have:
             continue
-        tuned = load_tuned(str(folder), pipe) if folder else shipped_cca
-        pipe.models["cca"] = extrapolate(base, tuned, at) if base is not None and folder else tuned
+        if not folder:
+            pipe.models["cca"] = shipped_cca
+        elif base is not None:
+            pipe.models["cca"] = extrapolate(base, run_model, at)
+        else:
+            pipe.models["cca"] = load_tuned(str(folder), pipe)
         row = evaluate.evaluate_mode(pipe, net, ref, mode, args.n, seed_base=seed_base, progress=False, **options)
         row.update(checkpoint=name, **{x: at})
         print(json.dumps(row), flush=True)
