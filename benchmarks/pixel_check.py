@@ -101,11 +101,26 @@ def consistency(images: torch.Tensor, classes: torch.Tensor, ref: torch.Tensor, 
     return out
 
 
+def run_classes(seed: int, num_classes: int) -> list[int]:
+    """The classes run ``seed`` samples."""
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(shapes.NUM_CLASSES, generator=gen)[:num_classes].tolist())
+
+
+def score_mode(args: argparse.Namespace, mode: str, seed: int, classes: list[int], ref: torch.Tensor,
+               ref_labels: torch.Tensor, means: torch.Tensor) -> tuple[dict[str, float], float]:
+    """One mode's scores on run ``seed``'s classes and image seeds, and the seconds its fetch took."""
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    start = time.perf_counter()
+    images = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (seed + 1), args.timeout)
+    seconds = round(time.perf_counter() - start, 1)
+    return consistency(images, labels, ref, ref_labels, means), seconds
+
+
 def run_once(args: argparse.Namespace, seed: int, ref: torch.Tensor, ref_labels: torch.Tensor,
              means: torch.Tensor) -> dict[str, Any]:
     """One class set and seed set (both from ``seed``): every mode's scores and CCA's shares."""
-    gen = torch.Generator().manual_seed(seed)
-    classes = sorted(torch.randperm(shapes.NUM_CLASSES, generator=gen)[:args.classes].tolist())
+    classes = run_classes(seed, args.classes)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     # ceiling: real images of the same classes, from another data seed than the reference
     real_index = [c + shapes.NUM_CLASSES * k for c in classes for k in range(args.per_class)]
@@ -115,11 +130,7 @@ def run_once(args: argparse.Namespace, seed: int, ref: torch.Tensor, ref_labels:
     results: dict[str, Any] = {"real": consistency(real, labels, ref, ref_labels, means)}
     seconds = {}
     for mode in args.modes.split(","):
-        start = time.perf_counter()
-        images = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (seed + 1),
-                               args.timeout)
-        seconds[mode] = round(time.perf_counter() - start, 1)
-        results[mode] = consistency(images, labels, ref, ref_labels, means)
+        results[mode], seconds[mode] = score_mode(args, mode, seed, classes, ref, ref_labels, means)
     return {"seed": seed, "classes": classes, "results": results, "cca_share": cca_shares(results),
             "fetch_seconds": seconds}
 
@@ -157,6 +168,38 @@ def print_table(title: str, results: dict[str, dict[str, float]], shares: dict[s
                                              for k in keys))
 
 
+def update(args: argparse.Namespace, path: Path) -> None:
+    """Re-score ``args.modes`` (e.g. after a new cca model was shipped) on the classes and image seeds of
+    the runs in ``path``, keeping the other modes' numbers; the numbers replaced stay in the file under
+    ``replaced``, with ``args.why``."""
+    record = json.loads(path.read_text())
+    saved = record["args"]
+    for key in ("classes", "per_class", "ref_per_class", "data_seed"):
+        setattr(args, key, int(saved[key]))
+    args.model = None if saved["model"] == "None" else saved["model"]
+    ref, ref_labels = reference(args.ref_per_class, args.data_seed)
+    means = class_means(ref, ref_labels)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in record["runs"][0]["results"]]
+    if unknown:
+        raise SystemExit(f"--modes: {', '.join(unknown)} not in {path}; only modes it scored can be replaced")
+    old = {m: [] for m in modes}
+    for run in tqdm(record["runs"], desc="runs"):
+        if run["classes"] != run_classes(run["seed"], args.classes):
+            raise SystemExit(f"{path}: run {run['seed']}'s classes are not the ones this script picks")
+        for mode in modes:
+            old[mode].append(run["results"][mode])
+            run["results"][mode], run["fetch_seconds"][mode] = score_mode(args, mode, run["seed"], run["classes"],
+                                                                          ref, ref_labels, means)
+        run["cca_share"] = cca_shares(run["results"])
+    record.setdefault("replaced", []).append({"date": time.strftime("%Y-%m-%d"), "why": args.why,
+                                              "summary": record["summary"], "results": old})
+    record["summary"] = summarize(record["runs"])
+    print_table(f"mean of {len(record['runs'])} runs, {', '.join(modes)} re-scored", record["summary"]["mean"],
+                record["summary"]["cca_share"])
+    path.write_text(json.dumps(record, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -170,7 +213,13 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=7, help="data seed of the real reference images")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    parser.add_argument("--update", type=Path, default=None,
+                        help="re-score only --modes in this earlier --out file, on its runs' classes and seeds")
+    parser.add_argument("--why", default="", help="with --update: what changed (kept beside the replaced numbers)")
     args = parser.parse_args()
+    if args.update:
+        update(args, args.update)
+        return
     if not 1 <= args.ref_per_class <= 50:
         parser.error("--ref-per-class: 1 to 50 (the reference is held in memory)")
     if not 1 <= args.classes <= shapes.NUM_CLASSES or args.per_class < 2 or args.repeats < 1:

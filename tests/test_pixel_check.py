@@ -49,3 +49,37 @@ def test_summary_pools_runs_before_the_share():
     assert summary["mean"]["cca"]["self_nn"] == pytest.approx(0.55)
     assert summary["cca_share"]["self_nn"] == pytest.approx((0.55 - 0.45) / (0.55 - 0.45))
     assert summary["std"]["free"]["self_nn"] == pytest.approx(0.0707, abs=1e-3)
+
+
+def test_update_rescores_only_the_named_modes_on_the_same_runs(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    # the tiny model knows 10 classes and draws smaller images than the real ones: score a fingerprint of
+    # the images instead, which comes back the same only if the same images are fetched
+    monkeypatch.setattr(pixel_check, "run_classes", lambda seed, n: sorted(
+        torch.randperm(10, generator=torch.Generator().manual_seed(seed))[:n].tolist()))
+    monkeypatch.setattr(pixel_check, "consistency", lambda images, classes, *_: {
+        "self_nn": images.mean().item(), "nn_accuracy": (images * classes.view(-1, 1, 1, 1)).std().item()})
+    args = argparse.Namespace(url="", model=None, modes="free,cfg,cca", classes=3, per_class=2, ref_per_class=1,
+                              seed=4, repeats=2, data_seed=7, timeout=60.0, why="")
+    ref, ref_labels = pixel_check.reference(args.ref_per_class, args.data_seed)
+    means = pixel_check.class_means(ref, ref_labels)
+    server, engine = serve(load_pipeline(write_tiny_models(tmp_path)), max_rows=8)
+    with server:
+        args.url = server.url
+        runs = [pixel_check.run_once(args, args.seed + i, ref, ref_labels, means) for i in range(args.repeats)]
+        path = tmp_path / "check.json"
+        path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                    "summary": pixel_check.summarize(runs)}))
+        again = argparse.Namespace(**{**vars(args), "modes": "cca", "classes": 999, "why": "new cca"})
+        pixel_check.update(again, path)
+        with pytest.raises(SystemExit, match="cca\\+cfg not in"):
+            pixel_check.update(argparse.Namespace(**{**vars(args), "modes": "cca+cfg"}), path)
+    engine.close()
+    record = json.loads(path.read_text())
+    # the same server and model: the run's classes and seeds were reused, so the numbers come back the same
+    assert [r["results"] for r in record["runs"]] == [r["results"] for r in runs]
+    assert record["summary"] == json.loads(json.dumps(pixel_check.summarize(runs)))
+    assert record["replaced"][0]["why"] == "new cca"
+    assert record["replaced"][0]["results"] == {"cca": [r["results"]["cca"] for r in runs]}
