@@ -318,10 +318,11 @@ VAR_RECIPE: dict[str, Any] = {
     # without drop-path, as here
     "cca": {**RECIPE["cca"], "lam": 100.0, "dropout": False},
     # the first (50k-image) base was swept over lambda 30 / 100 at beta 0.05 and beta 0.02 at lambda 30
-    # (docs/eval/default_var_base1.md); this base over lambda 100 / 1000 (the paper's VAR-d30 value)
-    # at beta 0.05 and the paper's VAR beta 0.02 at lambda 100: validation FID 5.98 / 6.35 / 7.05,
-    # accuracy 0.811 / 0.777 / 0.789 (docs/eval/default_var.md)
-    "sweep": [[30.0, 0.05], [100.0, 0.05], [1000.0, 0.05], [100.0, 0.02]],
+    # (docs/eval/default_var_base1.md); this base over lambda 30 / 100 / 300 / 1000 (the paper's VAR-d30
+    # value) at beta 0.05 and the paper's VAR beta 0.02 at lambda 100 (docs/eval/default_var.md):
+    # validation FID, lambda 30 / 100 / 1000: 7.34 / 5.98 / 6.35, accuracy 0.788 / 0.811 / 0.777;
+    # beta 0.02: 7.05 / 0.789; lambda 300 added 2026-12-03
+    "sweep": [[30.0, 0.05], [100.0, 0.05], [300.0, 0.05], [1000.0, 0.05], [100.0, 0.02]],
     # the shipped guidance-free VAR is that fine-tune extrapolated along its update, base + 1.25 x (tuned -
     # base) (training/extrapolation.py), chosen on the validation seeds (n = 5000) among alpha 1 / 1.25 /
     # 1.5 / 1.75: FID 6.21 / 5.68 / 5.97 / 6.19, accuracy 0.795 / 0.807 / 0.804 / 0.796
