@@ -49,19 +49,38 @@ def guidance_by_position(model: torch.nn.Module, cfg_scale: float) -> torch.Tens
     return per_scale[model.lvl_1L[0].cpu()][:, None]  # lvl_1L: the scale of each position
 
 
+def scale_of_position(model: torch.nn.Module) -> torch.Tensor:
+    """[T] long: the index of the scale each token position belongs to (VAR), all 0 for LlamaGen."""
+    if isinstance(model, VAR):
+        return model.lvl_1L[0].long().cpu()
+    return torch.zeros(model.config.block_size, dtype=torch.long)
+
+
 @torch.no_grad()
 def logprobs_by_class(model: torch.nn.Module, codes: torch.Tensor, classes: Mapping[str, torch.Tensor],
                       cfg_scales: Sequence[float] = (), batch_size: int = 250, desc: str | None = None,
+                      by_scale: bool = False,
                       ) -> tuple[dict[str, torch.Tensor], dict[float, dict[str, torch.Tensor]]]:
     """``log p(x | c)`` for each kind of class, and the log-probability of x under the distribution
     CFG of scale s samples from (next-token logits ``u + s * (c - u)`` from the model's conditional and
     null-class rows), for each scale and kind: ``({kind: [N]}, {s: {kind: [N]}})``, fp32 on the CPU.
+    ``by_scale``: each image's sum split over the model's scales (``scale_of_position``), [N, K] instead
+    of [N] (K = 1 for LlamaGen).
 
     The null-class pass does not depend on the class and one conditional pass serves every scale, so
     this costs one forward per kind (plus one if any scale is asked for), not two per kind and scale.
     """
     model = model.eval()
     device = next(model.parameters()).device
+    groups = scale_of_position(model).to(device)
+    num_groups = int(groups.max()) + 1
+
+    def summed(token_logprobs: torch.Tensor) -> torch.Tensor:
+        if not by_scale:
+            return token_logprobs.sum(dim=1).cpu()
+        out = token_logprobs.new_zeros(len(token_logprobs), num_groups)
+        return out.index_add_(1, groups[:token_logprobs.shape[1]], token_logprobs).cpu()
+
     own: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
     guided: dict[float, dict[str, list[torch.Tensor]]] = {s: {kind: [] for kind in classes} for s in cfg_scales}
     scale_at = {s: guidance_by_position(model, s).to(device) for s in cfg_scales}
@@ -73,9 +92,9 @@ def logprobs_by_class(model: torch.nn.Module, codes: torch.Tensor, classes: Mapp
             uncond = model(null, inputs).float()
         for kind, cls in classes.items():
             cond = model(cls[i:i + batch_size].to(device), inputs).float()
-            own[kind].append(code_logprobs(cond, x).sum(dim=1).cpu())
+            own[kind].append(summed(code_logprobs(cond, x)))
             for s in cfg_scales:
-                guided[s][kind].append(code_logprobs(uncond + scale_at[s] * (cond - uncond), x).sum(dim=1).cpu())
+                guided[s][kind].append(summed(code_logprobs(uncond + scale_at[s] * (cond - uncond), x)))
     return ({kind: torch.cat(v) for kind, v in own.items()},
             {s: {kind: torch.cat(v) for kind, v in by_kind.items()} for s, by_kind in guided.items()})
 
@@ -137,7 +156,9 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
                     progress: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model name: {negative kind: contrast_stats + the mean reward of each side}}`` over the rows
     whose negative differs from the label: one entry per fine-tuned model, then one ``cfg s=...`` entry
-    per CFG scale (the distribution CFG samples from, scored like a fine-tune)."""
+    per CFG scale (the distribution CFG samples from, scored like a fine-tune). For a model of several
+    scales (VAR) each entry also has ``by_scale``: the same statistics on each scale's tokens alone,
+    coarsest first, to show where in the image the tilt goes."""
     if codes.ndim != 2 or len(codes) != len(labels):
         raise ValueError(f"expected codes [N, T] and labels [N], got {tuple(codes.shape)} and {tuple(labels.shape)}")
     for name, neg in negatives.items():
@@ -145,8 +166,9 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
             raise ValueError(f"negatives {name!r} have shape {tuple(neg.shape)}, labels {tuple(labels.shape)}")
     classes = {"own": labels, **negatives}
     base, guided = logprobs_by_class(ref, codes, classes, cfg_scales, batch_size,
-                                     "base and cfg" if progress else None)
-    logps = {name: logprobs_by_class(model, codes, classes, (), batch_size, name if progress else None)[0]
+                                     "base and cfg" if progress else None, by_scale=True)
+    logps = {name: logprobs_by_class(model, codes, classes, (), batch_size, name if progress else None,
+                                     by_scale=True)[0]
              for name, model in tuned.items()}
     logps.update({f"cfg s={s:g}": lp for s, lp in guided.items()})
 
@@ -156,12 +178,16 @@ def reward_contrast(ref: torch.nn.Module, tuned: Mapping[str, torch.nn.Module], 
         report[name] = {}
         for kind, neg in negatives.items():
             keep = neg != labels  # a "negative" of the image's own class has no contrast
-            dg = (base["own"] - base[kind])[keep]
+            dg = (base["own"] - base[kind])[keep]  # [n, scales]
             r_own, r_neg = reward["own"][keep], reward[kind][keep]
             # which side moved: the same contrast can come from raising the right class's likelihood
             # or from lowering the wrong one's
-            report[name][kind] = {**contrast_stats(dg, r_own - r_neg), "reward_own_mean": float(r_own.mean()),
-                                  "reward_neg_mean": float(r_neg.mean())}
+            report[name][kind] = {**contrast_stats(dg.sum(1), (r_own - r_neg).sum(1)),
+                                  "reward_own_mean": float(r_own.sum(1).mean()),
+                                  "reward_neg_mean": float(r_neg.sum(1).mean())}
+            if dg.shape[1] > 1:
+                report[name][kind]["by_scale"] = [contrast_stats(dg[:, k], r_own[:, k] - r_neg[:, k])
+                                                  for k in range(dg.shape[1])]
     return report
 
 
@@ -177,6 +203,53 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str
             lines.append(f"| {name} | {kind} | {s['n']} | {dg} | {s['reward_contrast_mean']:.1f} | {sides} "
                          f"| {s['slope']:.2f} | {s['effective_scale']:.2f} | {s['corr']:.2f} | {tilt} |")
     return "\n".join(lines)
+
+
+def markdown_by_scale(report: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Effective scale (and the mean base contrast it is measured on) per model scale, one row per
+    model and kind of negative; empty for a model of one scale (LlamaGen)."""
+    rows = [(name, kind, s["by_scale"]) for name, kinds in report.items() for kind, s in kinds.items()
+            if "by_scale" in s]
+    if not rows:
+        return ""
+    num = len(rows[0][2])
+    lines = ["| model | negatives | " + " | ".join(f"scale {k + 1}" for k in range(num)) + " |",
+             "|---" * (num + 2) + "|"]
+    first = rows[0][0]
+    for _, kind, stats in (r for r in rows if r[0] == first):  # the base contrast is the same for every model
+        lines.append(f"| base contrast dg (mean, nats) | {kind} | "
+                     + " | ".join(f"{stat['base_contrast_mean']:.1f}" for stat in stats) + " |")
+    for name, kind, stats in rows:
+        lines.append(f"| {name} | {kind} | " + " | ".join(
+            f"{stat['effective_scale']:.2f} ({stat['corr']:.2f})" for stat in stats) + " |")
+    return "\n".join(lines)
+
+
+def plot_by_scale(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path, title: str = "") -> None:
+    """Effective guidance scale on each of the model's scales, one line per model, one panel per kind
+    of negative (VAR only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(next(iter(report.values())))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.6), dpi=120, sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for name, by_kind in report.items():
+            stats = by_kind[kind].get("by_scale", [])
+            ax.plot(range(1, len(stats) + 1), [s["effective_scale"] for s in stats], marker="o", label=name,
+                    linestyle="--" if name.startswith("cfg") else "-")
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_title(f"{kind} negatives", fontsize=10)
+        ax.set_xlabel("scale (1 = coarsest)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("effective guidance scale on its tokens")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "Where the tilt goes, scale by scale", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_contrast(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path,
@@ -244,6 +317,17 @@ def write_report(report: Mapping[str, Any], out: str | Path, name: str, meta: Ma
               "`cfg s=...` rows score the distribution CFG samples from (token-level guidance of the base) "
               "the same way. The last column is dr / dg within equal-count bins of dg, most alike classes first: "
               "guidance keeps it flat, a reward that saturates like a margin makes it fall.", ""]
-    paths[1].write_text("\n".join(header + [markdown_table(report), ""]))
+    by_scale = markdown_by_scale(report)
+    if by_scale:
+        header_scale = ["", "## By scale", "",
+                        "The same slope on each scale's tokens alone (coarsest first): effective guidance scale, "
+                        "its correlation in brackets. A row of the base contrast gives how much class signal "
+                        "each scale's tokens carry.", "", by_scale]
+    else:
+        header_scale = []
+    paths[1].write_text("\n".join(header + [markdown_table(report)] + header_scale + [""]))
     plot_contrast(report, paths[2], title=f"{meta.get('model', '')}: effective guidance scale per contrast")
+    if by_scale:
+        paths.append(out / f"{name}_by_scale.png")
+        plot_by_scale(report, paths[3], title=f"{meta.get('model', '')}: effective guidance scale per scale")
     return paths

@@ -121,14 +121,21 @@ def test_var_guided_logprobs_follow_vars_ramp():
         inputs = teacher_inputs(var, codes)
         cond = var(labels, inputs)
         uncond = var(torch.full_like(labels, config.null_class), inputs)
-    by_hand = torch.zeros(3)
+    by_hand = torch.zeros(3, config.num_scales)
     for k, (start, pn) in enumerate(zip(config.scale_starts, config.patch_nums, strict=True)):
         s = scale_guidance(3.0, k, config.num_scales, "linear")
         at = slice(start, start + pn * pn)
         logp = torch.log_softmax(uncond[:, at] + s * (cond[:, at] - uncond[:, at]), -1)
-        by_hand += logp.gather(-1, codes[:, at].unsqueeze(-1)).squeeze(-1).sum(1)
-    assert torch.allclose(guided[3.0]["own"], by_hand, atol=1e-3)
+        by_hand[:, k] = logp.gather(-1, codes[:, at].unsqueeze(-1)).squeeze(-1).sum(1)
+    assert torch.allclose(guided[3.0]["own"], by_hand.sum(1), atol=1e-3)
     assert contrast.guidance_by_position(var, 3.0)[0].item() == 1.0  # the first scale is unguided
+    # split by scale: each scale's own tokens, the same numbers before the sum
+    own_split, guided_split = contrast.logprobs_by_class(var, codes, {"own": labels}, cfg_scales=(3.0,),
+                                                         batch_size=2, by_scale=True)
+    assert guided_split[3.0]["own"].shape == (3, config.num_scales)
+    assert torch.allclose(guided_split[3.0]["own"], by_hand, atol=1e-3)
+    unguided = torch.log_softmax(cond, -1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(own_split["own"][:, -1], unguided[:, config.scale_starts[-1]:].sum(1), atol=1e-3)
 
 
 def test_contrast_cli_on_the_small_var(tmp_path):
@@ -138,6 +145,14 @@ def test_contrast_cli_on_the_small_var(tmp_path):
     scale = Registry().get("shapes1k-var").default_cfg_scale
     assert set(report["models"]) == {"cca", f"cfg s={scale:g}"}
     assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
+    # where the tilt goes, scale by scale: the scales' contrasts add up to the image's
+    rolled = report["models"]["cca"]["rolled (as trained)"]
+    assert len(rolled["by_scale"]) == 6  # the small VAR's scales: 1, 2, 3, 4, 6, 8 tokens a side
+    assert sum(k["base_contrast_mean"] for k in rolled["by_scale"]) == pytest.approx(rolled["base_contrast_mean"],
+                                                                                    rel=1e-4)
+    assert sum(k["reward_contrast_mean"] for k in rolled["by_scale"]) == pytest.approx(
+        rolled["reward_contrast_mean"], rel=1e-4, abs=1e-3)
+    assert "## By scale" in (tmp_path / "v.md").read_text() and (tmp_path / "v_by_scale.png").stat().st_size > 1000
 
 
 def test_contrast_cli_on_the_default_model(tmp_path):
@@ -148,4 +163,5 @@ def test_contrast_cli_on_the_default_model(tmp_path):
     assert set(report["models"]["cca"]) == {"rolled (as trained)", "shape", "colour", "texture"}
     assert report["models"]["cca"]["colour"]["n"] == 40
     assert (tmp_path / "c.png").stat().st_size > 1000 and "effective scale" in (tmp_path / "c.md").read_text()
+    assert "by_scale" not in report["models"]["cca"]["colour"] and not (tmp_path / "c_by_scale.png").exists()
     assert main(["contrast", "--n", "10", "--out", str(tmp_path), "--also", str(tmp_path / "missing")]) == 2
