@@ -14,16 +14,10 @@ computes the unconditional row on unguided scales, so its timings mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
-import torch
+from score_settings import add_scoring_args, load_for_scoring, score  # scripts/ is on the path when run
 
 import samplers.var
-from cli.evaluate import load_evalnet_for, load_tuned
-from evaluation import evaluate
-from samplers.pipeline import Pipeline
 
 linear_ramp = samplers.var.scale_guidance
 
@@ -50,44 +44,24 @@ def parse_scales(text: str) -> set[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="shapes1k-var", help="a VAR registry name")
-    ap.add_argument("--cca", default=None, help="fine-tune folder to use as the cca model")
     ap.add_argument("--mode", choices=["cfg", "cca+cfg"], default="cfg")
     ap.add_argument("--cfg-scale", type=float, default=None, help="s of the ramp (default: the model's)")
     ap.add_argument("--guided", action="append", required=True, type=parse_scales,
                     help="scales to guide, comma-separated, 0 = coarsest; repeatable (one row each)")
-    ap.add_argument("--n", type=int, default=2000, help="images per set")
-    ap.add_argument("--split", choices=["validation", "test"], default="validation")
-    ap.add_argument("--n-ref", type=int, default=10000, help="held-out real images for the reference")
-    ap.add_argument("--out", required=True, help="JSON-lines file the scores are appended to")
-    ap.add_argument("--threads", type=int, default=None)
+    add_scoring_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = Pipeline.from_registry(args.model)
+    pipe, net, ref = load_for_scoring(args)
     if pipe.family.name != "var":
         ap.error(f"--model {pipe.name} is not a VAR: guidance by scale needs one")
     num_scales = pipe.gpt.config.num_scales
     for scales in args.guided:
         if max(scales) >= num_scales:
             ap.error(f"--guided {sorted(scales)}: the model has scales 0..{num_scales - 1}")
-    if args.cca:
-        pipe.models["cca"] = load_tuned(args.cca, pipe)
     cfg_scale = args.cfg_scale or pipe.default_cfg_scale
-    net = load_evalnet_for(args.model)
-    ref = evaluate.reference_stats(net, args.n_ref, progress=False)
-    seed_base = evaluate.split_seed_base(args.split, 0)
     try:
         for scales in args.guided:
             samplers.var.scale_guidance = guide_only(scales)
-            start = time.perf_counter()
-            row = evaluate.evaluate_mode(pipe, net, ref, args.mode, args.n, seed_base=seed_base, progress=False,
-                                         cfg_scale=cfg_scale)
-            row.update(model=pipe.name, cca=args.cca, split=args.split, guided_scales=sorted(scales),
-                       wall_s=round(time.perf_counter() - start, 1))
-            line = json.dumps(row)
-            print(line, flush=True)
-            with Path(args.out).open("a") as f:
-                f.write(line + "\n")
+            score(pipe, net, ref, args, args.mode, {"cfg_scale": cfg_scale}, guided_scales=sorted(scales))
     finally:
         samplers.var.scale_guidance = linear_ramp
 
