@@ -40,9 +40,11 @@ from training import shapes
 
 
 def fetch_samples(url: str, model: str | None, mode: str, classes: list[int], per_class: int, seed: int,
-                  timeout_s: float) -> torch.Tensor:
-    """Images [len(classes) * per_class, 3, 32, 32] in [-1, 1], in class order."""
+                  timeout_s: float) -> tuple[torch.Tensor, float]:
+    """Images [len(classes) * per_class, 3, 32, 32] in [-1, 1], in class order, and the guidance scale the
+    server sampled them with (its default for the mode: the check sends none)."""
     images = []
+    scales = set()
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
         for class_id in tqdm(classes, desc=f"fetch {mode}", leave=False):
             done = 0
@@ -55,10 +57,13 @@ def fetch_samples(url: str, model: str | None, mode: str, classes: list[int], pe
                 if reply.status_code != 200:
                     raise RuntimeError(f"{mode} class {class_id}: HTTP {reply.status_code}: {reply.text[:300]}")
                 for item in reply.json()["images"]:
+                    scales.add(float(item["cfg_scale"]))
                     png = Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))).convert("RGB")
                     images.append(torch.from_numpy(np.asarray(png).copy()).permute(2, 0, 1))
                 done += n
-    return torch.stack(images).float() / 127.5 - 1.0
+    if len(scales) != 1:
+        raise RuntimeError(f"{mode}: the server used several guidance scales {sorted(scales)} in one run")
+    return torch.stack(images).float() / 127.5 - 1.0, scales.pop()
 
 
 def reference(per_class: int, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +113,15 @@ def run_classes(seed: int, num_classes: int) -> list[int]:
 
 
 def score_mode(args: argparse.Namespace, mode: str, seed: int, classes: list[int], ref: torch.Tensor,
-               ref_labels: torch.Tensor, means: torch.Tensor) -> tuple[dict[str, float], float]:
-    """One mode's scores on run ``seed``'s classes and image seeds, and the seconds its fetch took."""
+               ref_labels: torch.Tensor, means: torch.Tensor) -> tuple[dict[str, float], float, float]:
+    """One mode's scores on run ``seed``'s classes and image seeds, the seconds its fetch took and the
+    guidance scale the server used."""
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     start = time.perf_counter()
-    images = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (seed + 1), args.timeout)
+    images, scale = fetch_samples(args.url, args.model, mode, classes, args.per_class, 1_000_000 * (seed + 1),
+                                  args.timeout)
     seconds = round(time.perf_counter() - start, 1)
-    return consistency(images, labels, ref, ref_labels, means), seconds
+    return consistency(images, labels, ref, ref_labels, means), seconds, scale
 
 
 def run_once(args: argparse.Namespace, seed: int, ref: torch.Tensor, ref_labels: torch.Tensor,
@@ -128,11 +135,11 @@ def run_once(args: argparse.Namespace, seed: int, ref: torch.Tensor, ref_labels:
     if not torch.equal(real_labels, labels):
         raise RuntimeError("the dataset no longer cycles through the classes; fix the real-image indices")
     results: dict[str, Any] = {"real": consistency(real, labels, ref, ref_labels, means)}
-    seconds = {}
+    seconds, scales = {}, {}
     for mode in args.modes.split(","):
-        results[mode], seconds[mode] = score_mode(args, mode, seed, classes, ref, ref_labels, means)
+        results[mode], seconds[mode], scales[mode] = score_mode(args, mode, seed, classes, ref, ref_labels, means)
     return {"seed": seed, "classes": classes, "results": results, "cca_share": cca_shares(results),
-            "fetch_seconds": seconds}
+            "fetch_seconds": seconds, "cfg_scales": scales}
 
 
 def cca_shares(results: dict[str, dict[str, float]]) -> dict[str, float | None]:
@@ -188,9 +195,10 @@ def update(args: argparse.Namespace, path: Path) -> None:
         if run["classes"] != run_classes(run["seed"], args.classes):
             raise SystemExit(f"{path}: run {run['seed']}'s classes are not the ones this script picks")
         for mode in modes:
-            old[mode].append(run["results"][mode])
-            run["results"][mode], run["fetch_seconds"][mode] = score_mode(args, mode, run["seed"], run["classes"],
-                                                                          ref, ref_labels, means)
+            old[mode].append({**run["results"][mode], "cfg_scale": run.get("cfg_scales", {}).get(mode)})
+            run["results"][mode], run["fetch_seconds"][mode], scale = score_mode(
+                args, mode, run["seed"], run["classes"], ref, ref_labels, means)
+            run.setdefault("cfg_scales", {})[mode] = scale
         run["cca_share"] = cca_shares(run["results"])
     record.setdefault("replaced", []).append({"date": time.strftime("%Y-%m-%d"), "why": args.why,
                                               "summary": record["summary"], "results": old})

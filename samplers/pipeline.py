@@ -67,9 +67,12 @@ class Pipeline:
     def __init__(self, gpt: torch.nn.Module, vq: torch.nn.Module, cca_gpt: torch.nn.Module | None = None, *,
                  cca_cfg_gpt: torch.nn.Module | None = None, name: str = "custom",
                  class_names: Sequence[str] | None = None, default_cfg_scale: float = 4.0,
-                 compile: bool = False, family: ModelFamily | None = None):
+                 default_cca_cfg_scale: float | None = None, compile: bool = False,
+                 family: ModelFamily | None = None):
         """``gpt``: the base transformer of any family; ``vq``: that family's tokenizer (the family is
-        found from its type unless given); ``cca_gpt`` / ``cca_cfg_gpt``: CCA fine-tunes of ``gpt``."""
+        found from its type unless given); ``cca_gpt`` / ``cca_cfg_gpt``: CCA fine-tunes of ``gpt``.
+        ``default_cfg_scale`` guides cfg, ``default_cca_cfg_scale`` cca+cfg (default: the same): a
+        CCA model needs less guidance on top, so its best scale is usually lower."""
         if cca_cfg_gpt is not None and cca_gpt is None:
             raise ValueError("a cca+cfg model needs the guidance-free CCA model too")
         self.family = family or family_for(vq)
@@ -88,6 +91,7 @@ class Pipeline:
         else:
             self.class_names = None
         self.default_cfg_scale = default_cfg_scale
+        self.default_cca_cfg_scale = default_cfg_scale if default_cca_cfg_scale is None else default_cca_cfg_scale
         self.compile = compile  # torch.compile the decoding step (for CUDA)
 
     # ---- what the pipeline holds -------------------------------------------------------------
@@ -158,14 +162,21 @@ class Pipeline:
             raise InvalidRequest("mode", f"mode {normalize_mode(mode)!r} needs a CCA model; {self.name} offers "
                                  f"{self.modes}", allowed=self.modes) from None
 
+    def default_scale(self, mode: str) -> float:
+        """The guidance scale a mode gets when a request names none (1 for the unguided modes)."""
+        if not get_mode(mode).guided:
+            return 1.0
+        return self.default_cca_cfg_scale if normalize_mode(mode) == "cca+cfg" else self.default_cfg_scale
+
     def model_for(self, mode: str) -> torch.nn.Module:
         return self.models[self.weights_for(mode)]
 
     def options_for(self, mode: str, *, cfg_scale: float | None = None, cfg_interval: int = -1,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str | None = None,
                     more_smooth: bool = False) -> SamplingOptions:
-        """Sampling options of a mode: guided modes use cfg_scale (default: the model's), the others 1."""
-        scale = (self.default_cfg_scale if cfg_scale is None else cfg_scale) if get_mode(mode).guided else 1.0
+        """Sampling options of a mode: guided modes use cfg_scale (default: the model's for that mode),
+        the others 1."""
+        scale = (self.default_scale(mode) if cfg_scale is None else cfg_scale) if get_mode(mode).guided else 1.0
         return SamplingOptions(scale, cfg_interval, temperature, top_k, top_p, cfg_schedule, more_smooth)
 
     # ---- the one check of a request ----------------------------------------------------------
@@ -273,7 +284,8 @@ class Pipeline:
         cca_cfg = entry.load_part("cca_cfg_gpt", device, **kw).to(dtype=dtype) \
             if "cca_cfg_gpt" in entry.parts else None
         return cls(gpt, tokenizer, cca, name=entry.name, class_names=entry.class_names,
-                   default_cfg_scale=entry.default_cfg_scale, cca_cfg_gpt=cca_cfg)
+                   default_cfg_scale=entry.default_cfg_scale, default_cca_cfg_scale=entry.default_cca_cfg_scale,
+                   cca_cfg_gpt=cca_cfg)
 
     @classmethod
     def from_checkpoints(cls, gpt_ckpt: str, vq_ckpt: str, cca_ckpt: str | None = None, *,

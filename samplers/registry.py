@@ -41,6 +41,7 @@ class ModelEntry:
     default_cfg_scale: float
     weights_dir: Path
     family: str = "llamagen"
+    default_cca_cfg_scale: float | None = None  # the cca+cfg mode's; None: default_cfg_scale
 
     @property
     def has_cca(self) -> bool:
@@ -117,6 +118,7 @@ class Registry:
             self.entries[name] = ModelEntry(
                 name, e.get("description", ""), parts, names, float(e.get("default_cfg_scale", 4.0)),
                 self.weights_dir, family,
+                float(e["default_cca_cfg_scale"]) if "default_cca_cfg_scale" in e else None,
             )
 
         unknown = [n for n in self.served if n not in self.entries]

@@ -90,8 +90,9 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image (random when omitted); "
                              "image i of a grid uses seed + i")
     cfg_scale: float | None = Field(None, ge=0.0, le=MAX_CFG_SCALE, allow_inf_nan=False,
-                                    description="guidance scale of cfg modes (default: the model's); 1 = unguided; "
-                                    "ignored by free and cca")
+                                    description="guidance scale of cfg modes (default: the model's for the mode, "
+                                    "GET /models: default_cfg_scale for cfg, default_cca_cfg_scale for cca+cfg); "
+                                    "1 = unguided; ignored by free and cca")
     cfg_interval: int = Field(-1, ge=-1, le=MAX_CFG_INTERVAL, description="guide only tokens 0..cfg_interval+1; "
                               "-1 = all")
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
@@ -145,7 +146,9 @@ class ModelInfo(BaseModel):
     family: str = Field(description="llamagen (next-token) or var (next-scale)")
     modes: list[str]
     default_mode: str
-    default_cfg_scale: float
+    default_cfg_scale: float = Field(description="the cfg mode's scale when a request names none")
+    default_cca_cfg_scale: float = Field(description="the cca+cfg mode's scale when a request names none (a CCA "
+                                         "model needs less guidance on top)")
     guidance: str = Field(description="what cfg_scale means for this model")
     image_size: int
     tokens: int = Field(description="tokens per image")
@@ -370,7 +373,8 @@ def create_app(server: ModelServer) -> FastAPI:
         for name, e in server.engines.items():
             p = e.pipeline
             out.append(ModelInfo(name=name, family=p.family.name, modes=p.modes, default_mode=p.default_mode,
-                                 default_cfg_scale=p.default_cfg_scale, guidance=p.guidance, image_size=p.image_size,
+                                 default_cfg_scale=p.default_cfg_scale, default_cca_cfg_scale=p.default_cca_cfg_scale,
+                                 guidance=p.guidance, image_size=p.image_size,
                                  tokens=p.tokens_per_image, steps=p.steps_per_image, num_classes=p.num_classes,
                                  class_names=p.class_names))
         return out

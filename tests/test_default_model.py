@@ -19,6 +19,15 @@ def test_registry_default_is_the_shipped_model():
     assert size < 24 * 2**20  # MBs, not gigabytes
 
 
+def test_registry_scales_are_the_ones_chosen_on_validation():
+    """What a request without a scale gets is what the evaluation chose on the validation seeds, per mode."""
+    reg = Registry()
+    for name, report in (("shapes1k", "default.json"), ("shapes1k-var", "default_var.json")):
+        chosen = json.loads((WEIGHTS_DIR.parent / "docs" / "eval" / report).read_text())["chosen_on_validation"]
+        entry = reg.get(name)
+        assert (entry.default_cfg_scale, entry.default_cca_cfg_scale) == (chosen["cfg_scale"], chosen["cca_cfg_scale"])
+
+
 def test_serve_loads_the_registrys_served_models(tmp_path):
     """`ccaserve serve` without --model loads the registry's `serve` list (the shipped families)."""
     import argparse

@@ -47,8 +47,8 @@ def test_absurd_ui_calls_leave_concurrent_api_requests_answered(live):
             return client.get(f"{server.url}/generate", params={"class": i % 10, "mode": ["free", "cfg"][i % 2],
                                                                 "seed": i}).status_code
 
-    bad_ui = [["3", 10**30, 3.0, 1.0, 0], ["3", 1, 3.0, 1.0, 10**30], ["3", -5, 3.0, 1.0, 0],
-              ["3", 1, 1e30, 1.0, 0], ["3", 1, 3.0, 1.0, -1]]
+    bad_ui = [["3", 10**30, 3.0, 2.0, 1.0, 0], ["3", 1, 3.0, 2.0, 1.0, 10**30], ["3", -5, 3.0, 2.0, 1.0, 0],
+              ["3", 1, 1e30, 2.0, 1.0, 0], ["3", 1, 3.0, 2.0, 1.0, -1], ["3", 1, 3.0, 1e30, 1.0, 0]]
     with ThreadPoolExecutor(16) as pool:
         api_futures = [pool.submit(api, i) for i in range(8)]
         time.sleep(0.05)
@@ -59,7 +59,7 @@ def test_absurd_ui_calls_leave_concurrent_api_requests_answered(live):
     # the absurd seed and top-k pass Gradio's own checks and are refused by the engine's; the rest
     # Gradio itself refuses (its sliders' and numbers' ranges)
     assert events[:2] == ["rejected", "rejected"] and set(events) <= {"rejected", "error"}
-    assert _ui_call(server.url, ["3", 1, 3.0, 1.0, 0]) == "complete"  # the UI itself still works
+    assert _ui_call(server.url, ["3", 1, 3.0, 2.0, 1.0, 0]) == "complete"  # the UI itself still works
     assert engine.queue_length() == 0 and sum(engine.rows_in_use().values()) == 0
 
 

@@ -49,6 +49,17 @@ def test_cca_cfg_mode_guides_its_own_fine_tune_when_there_is_one(tiny_vq):
         Pipeline(base, tiny_vq, None, cca_cfg_gpt=cca_cfg)
 
 
+def test_each_guided_mode_has_its_own_default_scale(tiny_vq):
+    pipe = Pipeline(random_gpt(0), tiny_vq, random_gpt(1), default_cfg_scale=3.0, default_cca_cfg_scale=1.5)
+    assert [pipe.default_scale(m) for m in ("free", "cfg", "cca", "cca_cfg")] == [1.0, 3.0, 1.0, 1.5]
+    results = pipe.compare(3, seed=7)
+    assert {m: r.options.cfg_scale for m, r in results.items()} == {"free": 1.0, "cfg": 3.0, "cca": 1.0,
+                                                                     "cca+cfg": 1.5}
+    assert pipe.options_for("cca+cfg", cfg_scale=2.0).cfg_scale == 2.0  # a request's scale wins
+    # one scale for both when the model names no cca+cfg scale
+    assert Pipeline(random_gpt(0), tiny_vq, random_gpt(1), default_cfg_scale=3.0).default_scale("cca+cfg") == 3.0
+
+
 def test_pipeline_images_match_generate_and_decode(pipe):
     from samplers import generate
 

@@ -25,14 +25,16 @@ def test_nearest_and_consistency_on_real_images():
 def test_fetch_samples_from_a_server(tmp_path):
     server, engine = serve(load_pipeline(write_tiny_models(tmp_path)), max_rows=8)
     with server:
-        images = pixel_check.fetch_samples(server.url, None, "cca", [1, 2], per_class=pixel_check.MAX_N + 2,
-                                           seed=5, timeout_s=60)
-        again = pixel_check.fetch_samples(server.url, "tiny", "cca", [2], per_class=3, seed=5, timeout_s=60)
+        images, scale = pixel_check.fetch_samples(server.url, None, "cca", [1, 2],
+                                                  per_class=pixel_check.MAX_N + 2, seed=5, timeout_s=60)
+        again, _ = pixel_check.fetch_samples(server.url, "tiny", "cca", [2], per_class=3, seed=5, timeout_s=60)
+        _, guided = pixel_check.fetch_samples(server.url, None, "cfg", [1], per_class=1, seed=5, timeout_s=60)
         with pytest.raises(RuntimeError, match="HTTP 422"):
             pixel_check.fetch_samples(server.url, None, "nonsense", [1], per_class=1, seed=5, timeout_s=60)
     engine.close()
     assert images.shape[0] == 2 * (pixel_check.MAX_N + 2) and images.shape[1] == 3
     assert images.min() >= -1.0 and images.max() <= 1.0
+    assert (scale, guided) == (1.0, 3.0)  # the server's default scale for each mode is recorded
     # class order, and seeds seed, seed + 1, ...: class 2's first three images again
     assert torch.equal(again, images[pixel_check.MAX_N + 2:pixel_check.MAX_N + 5])
 
@@ -82,4 +84,5 @@ def test_update_rescores_only_the_named_modes_on_the_same_runs(tmp_path, monkeyp
     assert [r["results"] for r in record["runs"]] == [r["results"] for r in runs]
     assert record["summary"] == json.loads(json.dumps(pixel_check.summarize(runs)))
     assert record["replaced"][0]["why"] == "new cca"
-    assert record["replaced"][0]["results"] == {"cca": [r["results"]["cca"] for r in runs]}
+    assert record["replaced"][0]["results"] == {"cca": [{**r["results"]["cca"], "cfg_scale": 1.0} for r in runs]}
+    assert [r["cfg_scales"] for r in record["runs"]] == [{"free": 1.0, "cfg": 3.0, "cca": 1.0}] * 2

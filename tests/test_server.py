@@ -161,6 +161,7 @@ def test_models_health_metrics(live):
     models = httpx.get(f"{server.url}/models").json()
     assert models[0]["name"] == "tiny" and models[0]["modes"] == ["free", "cfg", "cca", "cca+cfg"]
     assert models[0]["class_names"][3] == "thing 3" and models[0]["num_classes"] == 10
+    assert models[0]["default_cfg_scale"] == models[0]["default_cca_cfg_scale"] == 3.0  # none named: the same
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'ccaserve_images_total{mode="cca"}' in metrics and "# TYPE ccaserve_requests_total counter" in metrics

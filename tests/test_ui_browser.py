@@ -143,6 +143,12 @@ def test_ui_model_picker_runs_the_shipped_var():
                                    timeout=60000)
             for mode in ("free", "cfg", "cca", "cca-cfg"):
                 page.wait_for_selector(f"#image-{mode} img", state="visible", timeout=60000)
+            # each guided mode at its own validated scale, the sliders set by the picked model
+            var_entry = registry.get(var_name)
+            labels = " ".join(page.locator("[id^=image-] label, [id^=image-] [data-testid=block-label]")
+                              .all_inner_texts())
+            assert f"cfg s={var_entry.default_cfg_scale:g} ·" in labels, labels
+            assert f"cca+cfg s={var_entry.default_cca_cfg_scale:g} ·" in labels, labels
             page.screenshot(path=str(ARTIFACTS / "ui_var_model.png"), full_page=True)
         finally:
             browser.close()

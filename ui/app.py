@@ -54,10 +54,11 @@ def parse_class(text: str | int | float | None, engine: Engine) -> int:
         raise InputError(str(e)) from None
 
 
-def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, temperature: Any,
+def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, cca_cfg_scale: Any, temperature: Any,
                  top_k: Any) -> list[Any]:
     """Each mode in turn (so each mode's time is its own), a grid of seeds per mode; one panel per
-    mode of the table, a mode the model lacks says so."""
+    mode of the table, a mode the model lacks says so. ``cfg_scale`` guides cfg, ``cca_cfg_scale``
+    cca+cfg: each mode has its own best scale."""
     pipe = engine.pipeline
     try:
         class_id = parse_class(class_text, engine)
@@ -65,7 +66,8 @@ def render_modes(engine: Engine, class_text: Any, seed: Any, cfg_scale: Any, tem
         for mode in pipe.modes:
             try:  # the engine's own check, the one the HTTP API gets: a bad value fails this call alone
                 first = int(seed)
-                opts = pipe.options_for(mode, cfg_scale=float(cfg_scale), temperature=float(temperature),
+                scale = cca_cfg_scale if mode == "cca+cfg" else cfg_scale
+                opts = pipe.options_for(mode, cfg_scale=float(scale), temperature=float(temperature),
                                         top_k=int(top_k))
                 start = time.perf_counter()
                 reqs = engine.submit_many([(class_id, mode, first + i, opts) for i in range(SEEDS_PER_MODE)])
@@ -141,7 +143,9 @@ def build_ui(engines: Engine | dict[str, Engine]) -> gr.Blocks:
             class_box = gr.Dropdown(choices, value=default_class, label="class (type an id, a name or words)",
                                     filterable=True, allow_custom_value=True, scale=3)
             seed = gr.Number(value=0, precision=0, minimum=0, label="first seed", scale=1)
-            cfg = gr.Slider(1.0, 10.0, value=first.pipeline.default_cfg_scale, step=0.25, label="CFG scale", scale=2)
+            cfg = gr.Slider(1.0, 10.0, value=first.pipeline.default_cfg_scale, step=0.25, label="cfg scale", scale=2)
+            cca_cfg = gr.Slider(1.0, 10.0, value=first.pipeline.default_cca_cfg_scale, step=0.25,
+                                label="cca+cfg scale", scale=2)
             temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature", scale=2)
             topk = gr.Number(value=0, precision=0, minimum=0, label="top-k (0 = off)", scale=1)
         model_info = gr.Markdown(_model_line(first), elem_id="model-info")
@@ -160,10 +164,11 @@ def build_ui(engines: Engine | dict[str, Engine]) -> gr.Blocks:
             engine = pick(name)
             new_choices, new_default = _class_choices(engine)
             return [gr.update(choices=new_choices, value=new_default),
-                    gr.update(value=engine.pipeline.default_cfg_scale), _model_line(engine)]
+                    gr.update(value=engine.pipeline.default_cfg_scale),
+                    gr.update(value=engine.pipeline.default_cca_cfg_scale), _model_line(engine)]
 
-        model.change(on_model, model, [class_box, cfg, model_info], api_name=False)
-        inputs = [class_box, seed, cfg, temp, topk]
+        model.change(on_model, model, [class_box, cfg, cca_cfg, model_info], api_name=False)
+        inputs = [class_box, seed, cfg, cca_cfg, temp, topk]
         button.click(lambda name, *a: render_modes(pick(name), *a), [model, *inputs], [title, *images],
                      concurrency_limit=8, api_name="generate")
         for box in inputs:  # the heading describes the images shown, not inputs not yet generated
