@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cli import main
+from cli.train import RECIPE
 from evaluation.evaluate import EvalNet, frechet_distance, inception_score, precision_recall
 from samplers import load_gpt
 from samplers.pipeline import Pipeline
@@ -301,16 +302,19 @@ def test_train_all_quick_then_eval(tmp_path):
         ("cca+cfg", "cfg scale (cca+cfg)"), ("cca", "lambda (cca, β=0.05)"), ("cca", "hard negatives (cca)"),
         ("cca", "training seed (cca)"), ("cca", "lambda (cca, β=0.1)"), ("cca", "dpo"), ("cca", "unlearn")]
     assert all(e["n"] == 30 and e["seed_base"] == 0 for e in val)
-    # the shipped model is the sweep's lambda=30 beta=0.05 run at its chosen step (2 of 3), extrapolated
-    # along its update from the fp16 base it started from, in fp16
-    snapshot = load_gpt(work / "cca_lam30_beta0.05" / "snapshots" / "step_00002")
+    # the shipped model is the lambda=30 beta=0.05 restart of the recipe's data-order seed (1) at its chosen
+    # step (2 of 3), extrapolated along its update from the fp16 base it started from, in fp16; every
+    # restart keeps that step, so the seed's choice can be redone
+    assert RECIPE["cca_ship_seed"] == 1
+    assert (work / "cca_lam30_beta0.05" / "snapshots" / "step_00002" / "model.safetensors").exists()
+    snapshot = load_gpt(work / "cca_lam30_beta0.05_seed1" / "snapshots" / "step_00002")
     shipped_weights = load_gpt(out / "cca_gpt").state_dict()
     expected = extrapolate(load_gpt(out / "gpt"), snapshot, 1.25).state_dict()
     assert all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in expected.items())
     assert not all(torch.equal(v.half().float(), shipped_weights[k]) for k, v in snapshot.state_dict().items())
     meta = json.loads((out / "cca_gpt" / "config.json").read_text())
-    assert meta["step"] == 2 and meta["extrapolation"]["alpha"] == 1.25
-    final = load_gpt(work / "cca_lam30_beta0.05").state_dict()
+    assert meta["step"] == 2 and meta["extrapolation"]["alpha"] == 1.25 and meta["train"]["seed"] == 1
+    final = load_gpt(work / "cca_lam30_beta0.05_seed1").state_dict()
     assert not all(torch.equal(v, shipped_weights[k]) for k, v in final.items())
     assert (val[6]["negatives_within"], val[6]["setting"]) == ("colour", "λ=30 β=0.05 within colour")
     assert ((work / "cca_lam30_beta0.05_negcolour" / "model.safetensors").read_bytes()   # other pairs,
