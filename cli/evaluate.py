@@ -222,6 +222,8 @@ def _shipped_cca(args: argparse.Namespace) -> str:
     meta = json.loads(config.read_text())
     train = meta.get("train", {})
     text = f"λ {train['lam']:g}, β {train['beta']:g}" if "lam" in train and "beta" in train else folder.name
+    if train.get("seed"):
+        text += f", data-order seed {train['seed']}"
     if "step" in meta:
         text += f", step {meta['step']}"
     if "extrapolation" in meta:
