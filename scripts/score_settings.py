@@ -78,11 +78,16 @@ def score(pipe: Pipeline, net: Any, ref: Any, args: argparse.Namespace, mode: st
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setting_args(ap: argparse.ArgumentParser) -> None:
+    """Which registry model, and the sampling settings to score (repeatable ``--setting``)."""
     ap.add_argument("--model", default=None, help="registry name (default: the registry's default)")
     ap.add_argument("--setting", action="append", required=True, type=parse_setting,
                     help="mode[:s=SCALE][:T=TEMPERATURE][:k=TOP_K]; repeatable")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setting_args(ap)
     add_scoring_args(ap)
     args = ap.parse_args()
     pipe, net, ref = load_for_scoring(args)
