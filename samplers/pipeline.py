@@ -71,8 +71,8 @@ class Pipeline:
                  family: ModelFamily | None = None):
         """``gpt``: the base transformer of any family; ``vq``: that family's tokenizer (the family is
         found from its type unless given); ``cca_gpt`` / ``cca_cfg_gpt``: CCA fine-tunes of ``gpt``.
-        ``default_cfg_scale`` guides cfg, ``default_cca_cfg_scale`` cca+cfg (default: the same): a
-        CCA model needs less guidance on top, so its best scale is usually lower."""
+        ``default_cfg_scale`` guides cfg, ``default_cca_cfg_scale`` cca+cfg (default: the same): the two
+        modes guide different weights, so each has its own best scale (`ccaserve eval` picks both)."""
         if cca_cfg_gpt is not None and cca_gpt is None:
             raise ValueError("a cca+cfg model needs the guidance-free CCA model too")
         self.family = family or family_for(vq)

@@ -147,8 +147,8 @@ class ModelInfo(BaseModel):
     modes: list[str]
     default_mode: str
     default_cfg_scale: float = Field(description="the cfg mode's scale when a request names none")
-    default_cca_cfg_scale: float = Field(description="the cca+cfg mode's scale when a request names none (a CCA "
-                                         "model needs less guidance on top)")
+    default_cca_cfg_scale: float = Field(description="the cca+cfg mode's scale when a request names none (it "
+                                         "guides other weights than cfg, so it has its own best scale)")
     guidance: str = Field(description="what cfg_scale means for this model")
     image_size: int
     tokens: int = Field(description="tokens per image")
