@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="shapes1k-var", help="a VAR registry name")
     ap.add_argument("--mode", choices=["cfg", "cca+cfg"], default="cfg")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="s of the ramp (default: the model's)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="s of the ramp (default: the model's for --mode)")
     ap.add_argument("--guided", action="append", required=True, type=parse_scales,
                     help="scales to guide, comma-separated, 0 = coarsest; repeatable (one row each)")
     add_scoring_args(ap)
@@ -57,7 +57,7 @@ def main() -> None:
     for scales in args.guided:
         if max(scales) >= num_scales:
             ap.error(f"--guided {sorted(scales)}: the model has scales 0..{num_scales - 1}")
-    cfg_scale = args.cfg_scale or pipe.default_cfg_scale
+    cfg_scale = args.cfg_scale or pipe.default_scale(args.mode)
     try:
         for scales in args.guided:
             samplers.var.scale_guidance = guide_only(scales)
