@@ -38,6 +38,13 @@ from .evaluate import attribute_targets
 CONTRAST_DATA_SEED = 9  # held-out Shapes-1k images (training uses seeds 0..2, evaluation 7 and 8)
 
 
+def scale_of_position(model: torch.nn.Module) -> torch.Tensor:
+    """[T] long: the index of the scale each token position belongs to (VAR's ``lvl_1L``), all 0 for LlamaGen."""
+    if isinstance(model, VAR):
+        return model.lvl_1L[0].long().cpu()
+    return torch.zeros(model.config.block_size, dtype=torch.long)
+
+
 def guidance_by_position(model: torch.nn.Module, cfg_scale: float) -> torch.Tensor:
     """The guidance scale each token is sampled with at CFG scale ``cfg_scale``: [T, 1], constant for
     LlamaGen, VAR's linear ramp over the scales for VAR (what its sampler does by default)."""
@@ -46,14 +53,7 @@ def guidance_by_position(model: torch.nn.Module, cfg_scale: float) -> torch.Tens
         return torch.full((config.block_size, 1), float(cfg_scale))
     per_scale = torch.tensor([scale_guidance(cfg_scale, k, config.num_scales, "linear")
                               for k in range(config.num_scales)])
-    return per_scale[model.lvl_1L[0].cpu()][:, None]  # lvl_1L: the scale of each position
-
-
-def scale_of_position(model: torch.nn.Module) -> torch.Tensor:
-    """[T] long: the index of the scale each token position belongs to (VAR), all 0 for LlamaGen."""
-    if isinstance(model, VAR):
-        return model.lvl_1L[0].long().cpu()
-    return torch.zeros(model.config.block_size, dtype=torch.long)
+    return per_scale[scale_of_position(model)][:, None]
 
 
 @torch.no_grad()
